@@ -1,0 +1,1 @@
+"""Learned optimizers: ``LearnedOptimizer.opt_fn(theta)`` is an ``Optimizer``."""

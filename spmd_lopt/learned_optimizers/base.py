@@ -1,0 +1,116 @@
+"""The ``LearnedOptimizer`` interface and learnable hand-designed optimizers.
+
+A learned optimizer is a pair: ``init(key) -> theta`` (its meta-parameters, a pytree of
+float arrays) and ``opt_fn(theta, is_training) -> Optimizer`` (an inner optimizer whose
+update rule is a function of ``theta``). Everything ``opt_fn`` builds must be a pure
+function of ``theta``, because meta-training evaluates it at perturbed ``theta``s (ES/PES)
+and differentiates through it (truncated backprop), vmapped over tasks.
+
+``LearnableSGD`` and ``LearnableAdam`` expose hand-designed optimizers' hyper-parameters as
+``theta``: meta-training them has a known answer (the best fixed hyper-parameters), which
+makes them the sanity check for every estimator.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from spmd_lopt.optimizers import base as opt_base
+
+MetaParams = Any
+
+
+class LearnedOptimizer:
+  """Base class. Subclasses implement ``init`` and ``opt_fn``."""
+
+  name: Optional[str] = None
+
+  def init(self, key: jax.Array) -> MetaParams:
+    raise NotImplementedError
+
+  def opt_fn(self, theta: MetaParams, is_training: bool = False) -> opt_base.Optimizer:
+    raise NotImplementedError
+
+
+@flax.struct.dataclass
+class LearnableOptState:
+  """State of a learnable hand-designed optimizer: params, model state, an optax state and
+  the int32 iteration."""
+  params: Any
+  state: Any
+  optax_opt_state: Any
+  iteration: jax.Array
+
+
+class _ThetaOptax(opt_base.Optimizer):
+  """An ``Optimizer`` running the optax transformation ``tx`` built from ``theta``."""
+
+  def __init__(self, tx: optax.GradientTransformation, name: str):
+    self.tx = tx
+    self.name = name
+
+  def init(self, params, model_state=None, num_steps=None, key=None):
+    del num_steps, key
+    return LearnableOptState(params=params, state=model_state,
+                             optax_opt_state=self.tx.init(params),
+                             iteration=jnp.asarray(0, jnp.int32))
+
+  def update(self, opt_state, grad, loss=None, model_state=None, key=None, **kwargs):
+    del loss, key, kwargs
+    updates, tx_state = self.tx.update(grad, opt_state.optax_opt_state, opt_state.params)
+    params = optax.apply_updates(opt_state.params, updates)
+    state = opt_state.state if model_state is None else model_state
+    return LearnableOptState(params=params, state=state, optax_opt_state=tx_state,
+                             iteration=opt_state.iteration + 1)
+
+
+class LearnableSGD(LearnedOptimizer):
+  """SGD with a learned step size: ``theta = {log_lr}``, ``p <- p - exp(log_lr) * g``."""
+
+  def __init__(self, initial_lr: float = 1e-3):
+    if initial_lr <= 0:
+      raise ValueError(f"LearnableSGD: initial_lr must be positive, got {initial_lr}.")
+    self.initial_lr = initial_lr
+    self.name = "LearnableSGD"
+
+  def init(self, key):
+    del key
+    return {"log_lr": jnp.asarray(np.log(self.initial_lr), jnp.float32)}
+
+  def opt_fn(self, theta, is_training=False):
+    del is_training
+    return _ThetaOptax(optax.sgd(jnp.exp(theta["log_lr"])), self.name)
+
+
+class LearnableAdam(LearnedOptimizer):
+  """Adam with learned hyper-parameters.
+
+  ``theta = {log_lr, one_minus_beta1, one_minus_beta2, log_epsilon}`` where the betas are
+  stored as ``log(1 - beta)`` so that every real ``theta`` is a valid optimizer:
+  ``lr = exp(log_lr)``, ``beta_i = 1 - exp(.)``, ``eps = exp(log_epsilon)``.
+  """
+
+  def __init__(self, initial_lr: float = 1e-3, initial_beta1: float = 0.9,
+               initial_beta2: float = 0.999, initial_epsilon: float = 1e-8):
+    self.initial = (initial_lr, initial_beta1, initial_beta2, initial_epsilon)
+    self.name = "LearnableAdam"
+
+  def init(self, key):
+    del key
+    lr, b1, b2, eps = self.initial
+    f = lambda x: jnp.asarray(x, jnp.float32)
+    return {"log_lr": f(np.log(lr)), "one_minus_beta1": f(np.log(1 - b1)),
+            "one_minus_beta2": f(np.log(1 - b2)), "log_epsilon": f(np.log(eps))}
+
+  def opt_fn(self, theta, is_training=False):
+    del is_training
+    tx = optax.adam(jnp.exp(theta["log_lr"]), b1=1 - jnp.exp(theta["one_minus_beta1"]),
+                    b2=1 - jnp.exp(theta["one_minus_beta2"]),
+                    eps=jnp.exp(theta["log_epsilon"]))
+    return _ThetaOptax(tx, self.name)

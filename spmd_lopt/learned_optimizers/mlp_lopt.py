@@ -1,0 +1,130 @@
+"""``MLPLOpt``: a small MLP applied to every parameter independently (reference "LOLv2").
+
+For each parameter tensor ``p`` with gradient ``g`` the optimizer keeps momenta
+``m_k <- b_k m_k + (1 - b_k) g`` for decays ``b = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)``.
+Per scalar entry it builds 19 features:
+
+- 8 "tensor" features ``[g, p, m_1..m_6]``, each normalised by its second moment over the
+  entries of that tensor: ``x * rsqrt(1e-5 + mean(x^2))``;
+- 11 training-step features ``tanh(t / tau - 1)`` for
+  ``tau in (1, 3, 10, 30, 100, 300, 1e3, 3e3, 1e4, 3e4, 1e5)`` (shared by every entry,
+  not normalised).
+
+An MLP ``19 -> hidden_size x hidden_layers (ReLU) -> 2`` maps them to a direction ``d`` and
+a magnitude ``s``; the update is ``p <- p - d * exp(s * exp_mult) * step_mult``. With the
+defaults (hidden 32, 2 layers) theta has 1,762 parameters, as in the reference.
+
+Shapes: a tensor of shape ``S`` becomes a ``[prod(S), 19]`` feature matrix (scalars are
+treated as shape ``[1]``), so the cost per step is ``O(num_params * |theta|)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spmd_lopt.learned_optimizers import base as lopt_base
+from spmd_lopt.optimizers import base as opt_base
+
+MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+TANH_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
+NUM_FEATURES = 2 + len(MOMENTUM_DECAYS) + len(TANH_TIMESCALES)
+
+
+def second_moment_normalizer(x: jax.Array, axis: Sequence[int], eps: float = 1e-5):
+  """``x * rsqrt(eps + mean(x^2, axis))``."""
+  return x * jax.lax.rsqrt(eps + jnp.mean(jnp.square(x), axis=axis, keepdims=True))
+
+
+def tanh_embedding(iteration: jax.Array) -> jax.Array:
+  """``[tanh(t/tau - 1) for tau in TANH_TIMESCALES]``, shape ``[11]``."""
+  t = jnp.asarray(iteration, jnp.float32)
+  taus = jnp.asarray(TANH_TIMESCALES, jnp.float32)
+  return jnp.tanh(t / taus - 1.0)
+
+
+class _PerParamMLP(nn.Module):
+  hidden_size: int
+  hidden_layers: int
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.hidden_layers):
+      x = nn.relu(nn.Dense(self.hidden_size)(x))
+    return nn.Dense(2)(x)
+
+
+@flax.struct.dataclass
+class MLPLOptState:
+  """params; rolling_features: per-leaf momenta with a trailing axis of size 6;
+  iteration: int32 step count; state: model state passed through."""
+  params: Any
+  rolling_features: Any
+  iteration: jax.Array
+  state: Any
+
+
+class MLPLOpt(lopt_base.LearnedOptimizer):
+  """Per-parameter MLP learned optimizer (see module docstring for the math)."""
+
+  def __init__(self, exp_mult: float = 0.001, step_mult: float = 0.001,
+               hidden_size: int = 32, hidden_layers: int = 2):
+    if hidden_size <= 0 or hidden_layers < 0:
+      raise ValueError("MLPLOpt: hidden_size must be positive and hidden_layers >= 0, got "
+                       f"{hidden_size}, {hidden_layers}.")
+    self.exp_mult = exp_mult
+    self.step_mult = step_mult
+    self.hidden_size = hidden_size
+    self.hidden_layers = hidden_layers
+    self.name = "MLPLOpt"
+    self._mlp = _PerParamMLP(hidden_size, hidden_layers)
+
+  def init(self, key):
+    return self._mlp.init(key, jnp.zeros([1, NUM_FEATURES], jnp.float32))
+
+  def opt_fn(self, theta, is_training=False):
+    del is_training
+    mlp = self._mlp
+    exp_mult, step_mult = self.exp_mult, self.step_mult
+    decays = jnp.asarray(MOMENTUM_DECAYS, jnp.float32)
+
+    class _Opt(opt_base.Optimizer):
+      name = "MLPLOpt"
+
+      def init(self, params, model_state=None, num_steps=None, key=None):
+        del num_steps, key
+        moms = jax.tree.map(
+            lambda p: jnp.zeros(p.shape + (len(MOMENTUM_DECAYS),), p.dtype), params)
+        return MLPLOptState(params=params, rolling_features=moms,
+                            iteration=jnp.asarray(0, jnp.int32), state=model_state)
+
+      def update(self, opt_state, grad, loss=None, model_state=None, key=None, **kw):
+        del loss, key, kw
+        moms = jax.tree.map(
+            lambda m, g: (decays * m + (1 - decays) * g[..., None]).astype(m.dtype),
+            opt_state.rolling_features, grad)
+        step_features = tanh_embedding(opt_state.iteration)
+
+        def update_tensor(p, g, m):
+          n = max(p.size, 1)
+          tensor_feats = jnp.concatenate(
+              [g.reshape(n, 1), p.reshape(n, 1), m.reshape(n, m.shape[-1])], axis=-1)
+          tensor_feats = second_moment_normalizer(tensor_feats.astype(jnp.float32), [0])
+          feats = jnp.concatenate(
+              [tensor_feats, jnp.broadcast_to(step_features, (n, step_features.shape[0]))],
+              axis=-1)
+          out = mlp.apply(theta, feats)
+          direction, magnitude = out[:, 0], out[:, 1]
+          step = direction * jnp.exp(magnitude * exp_mult) * step_mult
+          return p - step.reshape(p.shape).astype(p.dtype)
+
+        params = jax.tree.map(update_tensor, opt_state.params, grad, moms)
+        state = opt_state.state if model_state is None else model_state
+        return MLPLOptState(params=params, rolling_features=moms,
+                            iteration=opt_state.iteration + 1, state=state)
+
+    return _Opt()

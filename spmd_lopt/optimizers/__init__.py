@@ -1,0 +1,1 @@
+"""Hand-designed optimizers behind the reference library's ``Optimizer`` interface."""

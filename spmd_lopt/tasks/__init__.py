@@ -1,0 +1,1 @@
+"""Inner problems that learned optimizers are meta-trained on."""
