@@ -1,0 +1,3 @@
+from spmd_lopt.launch import run
+
+run()

@@ -1,0 +1,170 @@
+"""The run configuration: one ``ml_collections.ConfigDict`` schema with every key and its
+default, and the builders that turn a config into a learner.
+
+Config files in ``configs/`` are Python files with ``get_config()`` returning overrides of
+``base_config()``; ``load_config`` checks every key against the schema, so a typo is an
+error that names the key and the known ones, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import ml_collections
+
+from spmd_lopt import sharding
+from spmd_lopt.learned_optimizers import base as lopt_base
+from spmd_lopt.learned_optimizers import mlp_lopt
+from spmd_lopt.optimizers import base as opt_base
+from spmd_lopt.outer_trainers import gradient_learner
+from spmd_lopt.outer_trainers import lopt_truncated_step
+from spmd_lopt.outer_trainers import truncated_pes
+from spmd_lopt.outer_trainers import truncation_schedule
+from spmd_lopt.tasks import base as tasks_base
+from spmd_lopt.tasks import quadratics
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every config key, with its default (the default job: PES on 10-d quadratics)."""
+  c = ml_collections.ConfigDict()
+  c.name = "default"
+  c.seed = 0
+  c.outer_steps = 300
+  c.log_every = 10
+  c.steps_per_call = 1          # meta steps per dispatch (lax.scan over update)
+  c.num_devices = 0             # 0: all global devices on the task axis
+  # Inner problems: comma-separated task-family names, one estimator each.
+  c.tasks = "quadratic"
+  c.quadratic_dim = 10
+  c.num_tasks = 16              # per estimator, across the whole mesh
+  # Truncations.
+  c.truncation = "log_uniform"  # or "constant" (then max_length is the length)
+  c.min_length = 100
+  c.max_length = 300
+  c.random_initial_iteration_offset = 300
+  c.trunc_length = 50
+  # Gradient estimator.
+  c.estimator = "pes"
+  c.std = 0.01
+  # Learned optimizer.
+  c.lopt = "mlp_lopt"
+  c.lopt_hidden_size = 32
+  c.lopt_hidden_layers = 2
+  c.lopt_step_mult = 0.001
+  c.lopt_exp_mult = 0.001
+  # Outer optimizer.
+  c.outer_opt = "adam"
+  c.outer_lr = 1e-3
+  c.outer_grad_clip = 0.0       # > 0: clip theta-gradient entries to [-c, c]
+  return c
+
+
+def _load_file(path: str) -> ml_collections.ConfigDict:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Config file {path!r} does not exist.")
+  spec = importlib.util.spec_from_file_location("spmd_lopt_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"Config file {path!r} must define get_config().")
+  return module.get_config()
+
+
+def validate(overrides, base: Optional[ml_collections.ConfigDict] = None):
+  """Merge ``overrides`` into the schema; unknown keys raise a ValueError naming them."""
+  base = base or base_config()
+  unknown = sorted(set(overrides.keys()) - set(base.keys()))
+  if unknown:
+    raise ValueError(f"Unknown config key(s) {unknown}. Known keys: {sorted(base.keys())}.")
+  merged = base_config()
+  merged.update(dict(overrides))
+  return merged
+
+
+def load_config(path: Optional[str] = None) -> ml_collections.ConfigDict:
+  """``base_config()`` updated with ``path``'s ``get_config()``, validated and locked."""
+  cfg = base_config() if path is None else validate(_load_file(path))
+  cfg.lock()
+  return cfg
+
+
+def check_values(cfg) -> None:
+  """Reject settings that would otherwise fail deep inside tracing."""
+  for key in ("outer_steps", "num_tasks", "trunc_length", "log_every", "steps_per_call",
+              "min_length", "max_length", "quadratic_dim"):
+    if int(cfg[key]) <= 0:
+      raise ValueError(f"config.{key} must be a positive integer, got {cfg[key]!r}.")
+  if cfg.random_initial_iteration_offset < 0:
+    raise ValueError("config.random_initial_iteration_offset must be >= 0.")
+  if cfg.outer_steps % cfg.steps_per_call:
+    raise ValueError(f"config.outer_steps ({cfg.outer_steps}) must be a multiple of "
+                     f"config.steps_per_call ({cfg.steps_per_call}).")
+  if cfg.log_every % cfg.steps_per_call:
+    raise ValueError(f"config.log_every ({cfg.log_every}) must be a multiple of "
+                     f"config.steps_per_call ({cfg.steps_per_call}).")
+
+
+def make_task_family(name: str, cfg) -> tasks_base.TaskFamily:
+  if name == "quadratic":
+    return quadratics.FixedDimQuadraticFamily(cfg.quadratic_dim)
+  raise ValueError(f"Unknown task family {name!r}. Known: ['quadratic'].")
+
+
+def make_lopt(cfg) -> lopt_base.LearnedOptimizer:
+  if cfg.lopt == "mlp_lopt":
+    return mlp_lopt.MLPLOpt(exp_mult=cfg.lopt_exp_mult, step_mult=cfg.lopt_step_mult,
+                            hidden_size=cfg.lopt_hidden_size,
+                            hidden_layers=cfg.lopt_hidden_layers)
+  if cfg.lopt == "learnable_adam":
+    return lopt_base.LearnableAdam()
+  if cfg.lopt == "learnable_sgd":
+    return lopt_base.LearnableSGD()
+  raise ValueError(f"Unknown lopt {cfg.lopt!r}. Known: mlp_lopt, learnable_adam, "
+                   "learnable_sgd.")
+
+
+def make_trunc_sched(cfg) -> truncation_schedule.TruncationSchedule:
+  if cfg.truncation == "log_uniform":
+    return truncation_schedule.LogUniformLengthSchedule(cfg.min_length, cfg.max_length)
+  if cfg.truncation == "constant":
+    return truncation_schedule.ConstantTruncationSchedule(cfg.max_length)
+  raise ValueError(f"Unknown truncation {cfg.truncation!r}. Known: log_uniform, constant.")
+
+
+def make_theta_opt(cfg) -> opt_base.Optimizer:
+  if cfg.outer_opt == "adam":
+    opt = opt_base.Adam(cfg.outer_lr)
+  elif cfg.outer_opt == "sgd":
+    opt = opt_base.SGD(cfg.outer_lr)
+  else:
+    raise ValueError(f"Unknown outer_opt {cfg.outer_opt!r}. Known: adam, sgd.")
+  if cfg.outer_grad_clip > 0:
+    opt = opt_base.GradientClipOptimizer(opt, cfg.outer_grad_clip)
+  return opt
+
+
+def make_estimator(family, lopt, cfg):
+  sched = make_trunc_sched(cfg)
+  step = lopt_truncated_step.VectorizedLOptTruncatedStep(
+      family, lopt, sched, num_tasks=cfg.num_tasks,
+      random_initial_iteration_offset=cfg.random_initial_iteration_offset)
+  if cfg.estimator == "pes":
+    return truncated_pes.TruncatedPES(truncated_step=step, trunc_length=cfg.trunc_length,
+                                      std=cfg.std, steps_per_jit=None)
+  raise ValueError(f"Unknown estimator {cfg.estimator!r}. Known: pes.")
+
+
+def make_learner(cfg, mesh=None) -> gradient_learner.SpmdGradientLearner:
+  """Build the learner a config describes, over ``mesh`` (default: ``num_devices``)."""
+  check_values(cfg)
+  if mesh is None:
+    mesh = sharding.make_mesh(num_devices=cfg.num_devices or None)
+  lopt = make_lopt(cfg)
+  names = [n.strip() for n in cfg.tasks.split(",") if n.strip()]
+  if not names:
+    raise ValueError("config.tasks names no task family.")
+  estimators = [make_estimator(make_task_family(n, cfg), lopt, cfg) for n in names]
+  return gradient_learner.SpmdGradientLearner(lopt, estimators, make_theta_opt(cfg),
+                                              mesh=mesh, num_steps=cfg.outer_steps)

@@ -1,0 +1,40 @@
+"""The interface between gradient estimators and the inner problems they unroll.
+
+A ``VectorizedTruncatedStep`` owns a batch of inner problems as one pytree whose every leaf
+has a leading task axis. Estimators only call:
+
+- ``init_step_state(theta, outer_state, key, theta_is_vector, task_ids)``: fresh states for
+  the tasks ``task_ids`` (global indices; every random draw of task ``i`` is keyed by
+  ``fold_in(key, i)``, so a task's state does not depend on which device holds it);
+- ``unroll(theta, state, key, num_steps, outer_state, theta_is_vector, task_ids)``: run
+  ``num_steps`` inner steps with ``lax.scan``, returning the new state and per-step outputs
+  with shape ``[num_steps, tasks]``.
+
+``theta_is_vector`` means theta has a leading task axis (one perturbed theta per task, as
+ES-style estimators need).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+
+
+class VectorizedTruncatedStep:
+
+  num_tasks: int
+
+  def outer_init(self, key: jax.Array) -> Any:
+    raise NotImplementedError
+
+  def task_name(self) -> str:
+    raise NotImplementedError
+
+  def init_step_state(self, theta, outer_state, key, theta_is_vector: bool = False,
+                      task_ids: Optional[jax.Array] = None):
+    raise NotImplementedError
+
+  def unroll(self, theta, state, key, num_steps: int, outer_state,
+             theta_is_vector: bool = False, task_ids: Optional[jax.Array] = None):
+    raise NotImplementedError

@@ -1,0 +1,51 @@
+"""Small builders shared by the tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spmd_lopt import sharding
+from spmd_lopt.learned_optimizers import mlp_lopt
+from spmd_lopt.optimizers import base as opt_base
+from spmd_lopt.outer_trainers import gradient_learner
+from spmd_lopt.outer_trainers import lopt_truncated_step
+from spmd_lopt.outer_trainers import truncated_pes
+from spmd_lopt.outer_trainers import truncation_schedule
+from spmd_lopt.tasks import quadratics
+
+
+def pes_estimator(lopt, num_tasks=16, dim=10, trunc_length=10, min_length=20,
+                  max_length=60, offset=60, std=0.01, family=None):
+  sched = truncation_schedule.LogUniformLengthSchedule(min_length, max_length)
+  step = lopt_truncated_step.VectorizedLOptTruncatedStep(
+      family or quadratics.FixedDimQuadraticFamily(dim), lopt, sched, num_tasks=num_tasks,
+      random_initial_iteration_offset=offset)
+  return truncated_pes.TruncatedPES(truncated_step=step, trunc_length=trunc_length, std=std)
+
+
+def learner(num_devices, estimators_fn, lr=1e-3, lopt=None):
+  lopt = lopt or mlp_lopt.MLPLOpt()
+  mesh = sharding.make_mesh(num_devices=num_devices)
+  return gradient_learner.SpmdGradientLearner(lopt, estimators_fn(lopt), opt_base.Adam(lr),
+                                              mesh=mesh)
+
+
+def max_rel_err(a, b):
+  """max over leaves of ``|a - b| / (|b| + tiny)`` measured as a whole-leaf norm ratio."""
+  errs = jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.linalg.norm(np.asarray(x) - np.asarray(y)) /
+                         (np.linalg.norm(np.asarray(y)) + 1e-30)), a, b))
+  return max(errs)
+
+
+def cosine(a, b):
+  va = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(a)])
+  vb = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(b)])
+  return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)))
+
+
+def global_rel_err(a, b):
+  """``||a - b|| / ||b||`` over all leaves flattened together."""
+  va = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(a)])
+  vb = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(b)])
+  return float(np.linalg.norm(va - vb) / np.linalg.norm(vb))
