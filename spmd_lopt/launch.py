@@ -30,11 +30,18 @@ from spmd_lopt import config as config_lib
 from spmd_lopt import sharding
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Config file (Python, get_config()); override keys with "
-    "--config.KEY=VALUE.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, weights and plots go "
-                               "(default: runs/<config.name>).")
+_FLAGS = {}
+
+
+def _define_flags():
+  """Defined at start-up, not import: config_flags reads ``sys.argv`` overrides as soon
+  as the flag is defined, and a bad override must become a clear error, not an import
+  traceback."""
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG, "Config file (Python, get_config()); override keys with "
+      "--config.KEY=VALUE.", lock_config=True)
+  _FLAGS["workdir"] = flags.DEFINE_string(
+      "workdir", None, "Where metrics, weights and plots go (default: runs/<config.name>).")
 
 
 def _to_python(tree) -> dict[str, Any]:
@@ -202,19 +209,40 @@ def _print_summary(s: dict[str, Any]):
   print("\n".join(lines), flush=True)
 
 
+def _fail(message: str):
+  print(f"spmd_lopt.launch: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's parsing, with bad flags and config overrides reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    _fail(f"bad flag or config override: {e}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cfg = config_lib.validate(_CONFIG.value)
-  cfg.lock()
-  workdir = _WORKDIR.value or os.path.join("runs", cfg.name)
-  summary = train(cfg, workdir)
+  try:
+    cfg = config_lib.validate(_FLAGS["config"].value)
+    cfg.lock()
+    config_lib.check_values(cfg)
+    workdir = _FLAGS["workdir"].value or os.path.join("runs", cfg.name)
+    summary = train(cfg, workdir)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    _fail(str(e))
   if sharding.is_logging_process():
     _print_summary(summary)
 
 
 def run():
-  app.run(main)
+  try:
+    _define_flags()
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    _fail(f"bad config override: {e}")
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     if int(random_initial_iteration_offset) < 0:
       raise ValueError("random_initial_iteration_offset must be >= 0, got "
                        f"{random_initial_iteration_offset!r}.")
+    # Abstract (no-compute) check that the family can be vmapped, so a bad family fails
+    # here with its name rather than deep inside the fused step's tracing.
+    tasks_base.check_task_family(task_family, jax.random.key(0))
     self.task_family = task_family
     self.learned_opt = learned_opt
     self.trunc_sched = trunc_sched

@@ -1,0 +1,167 @@
+"""Truncation schedules, the vectorized truncated step, tasks and optimizers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spmd_lopt.learned_optimizers import base as lopt_base
+from spmd_lopt.learned_optimizers import mlp_lopt
+from spmd_lopt.optimizers import base as opt_base
+from spmd_lopt.outer_trainers import estimator_base
+from spmd_lopt.outer_trainers import lopt_truncated_step
+from spmd_lopt.outer_trainers import truncated_pes
+from spmd_lopt.outer_trainers import truncation_schedule
+from spmd_lopt.tasks import base as tasks_base
+from spmd_lopt.tasks import quadratics
+
+OS = estimator_base.OuterState(jnp.asarray(0))
+
+
+def test_log_uniform_lengths_stay_in_bounds_and_spread():
+  sched = truncation_schedule.LogUniformLengthSchedule(10, 100)
+  lengths = jax.vmap(lambda k: sched.init(k, OS).length)(
+      jax.random.split(jax.random.key(0), 2000))
+  lengths = np.asarray(lengths)
+  assert lengths.min() >= 10 and lengths.max() <= 100
+  # Log-uniform: about half the mass below the geometric mean sqrt(10 * 100) ~ 31.6.
+  assert 0.4 < np.mean(lengths < 31.6) < 0.6
+
+
+@pytest.mark.parametrize("args", [(0, 10), (-1, 10), (20, 10), (2.5, 10)])
+def test_bad_schedule_lengths_are_clear_errors(args):
+  with pytest.raises(ValueError, match="LogUniformLengthSchedule"):
+    truncation_schedule.LogUniformLengthSchedule(*args)
+
+
+def test_constant_schedule_rejects_nonpositive_length():
+  with pytest.raises(ValueError, match="total_length must be a positive integer"):
+    truncation_schedule.ConstantTruncationSchedule(0)
+
+
+def _step(num_tasks=4, length=3, offset=0, family=None):
+  return lopt_truncated_step.VectorizedLOptTruncatedStep(
+      family or quadratics.FixedDimQuadraticFamily(5), mlp_lopt.MLPLOpt(),
+      truncation_schedule.ConstantTruncationSchedule(length), num_tasks=num_tasks,
+      random_initial_iteration_offset=offset)
+
+
+def test_trajectories_reset_after_their_length_and_reset_steps_are_masked():
+  step = _step(num_tasks=4, length=3)
+  theta = step.outer_init(jax.random.key(0))
+  state = step.init_step_state(theta, OS, jax.random.key(1))
+  state, out = jax.jit(lambda s: step.unroll(theta, s, jax.random.key(2), 8, OS))(state)
+  # Steps: train x3 (done on the 3rd), reset (no training), train x3 (done), reset.
+  np.testing.assert_array_equal(out.is_done[:, 0], [0, 0, 1, 0, 0, 0, 1, 0])
+  np.testing.assert_array_equal(out.is_reset[:, 0], [0, 0, 0, 1, 0, 0, 0, 1])
+  np.testing.assert_array_equal(out.mask[:, 0], 1 - out.is_reset[:, 0])
+  assert np.all(np.asarray(out.loss)[np.asarray(out.is_reset)] == 0)
+  np.testing.assert_array_equal(out.iteration[:, 0], [1, 2, 3, 0, 1, 2, 3, 0])
+  # A reset draws a new task: the quadratic's center changes.
+  assert not np.allclose(out.task_param[2], out.task_param[3])
+
+
+def test_random_initial_offset_staggers_tasks():
+  step = _step(num_tasks=64, length=100, offset=100)
+  theta = step.outer_init(jax.random.key(0))
+  state = step.init_step_state(theta, OS, jax.random.key(1))
+  steps = np.asarray(state.inner_step)
+  assert steps.min() >= 0 and steps.max() < 100 and len(np.unique(steps)) > 20
+
+
+def test_task_state_depends_on_global_index_not_position():
+  step = _step(num_tasks=8)
+  theta = step.outer_init(jax.random.key(0))
+  full = step.init_step_state(theta, OS, jax.random.key(1))
+  part = step.init_step_state(theta, OS, jax.random.key(1), task_ids=jnp.arange(4, 8))
+  np.testing.assert_array_equal(full.task_param[4:], part.task_param)
+
+
+class _WrongShapeFamily(tasks_base.TaskFamily):
+  """A family whose sample is [2] but whose task expects [3]-d params for the loss."""
+  name = "wrong_shape"
+
+  def sample(self, key):
+    return jax.random.normal(key, (2,))
+
+  def task_fn(self, task_param):
+    fam = quadratics.FixedDimQuadraticFamily(3)
+    task = fam.task_fn(task_param)
+    task.init = lambda key: jax.random.normal(key, (3,))
+    return task
+
+
+def test_family_whose_sample_has_the_wrong_shape_is_a_clear_error():
+  with pytest.raises(ValueError, match="Task family 'wrong_shape'"):
+    _step(family=_WrongShapeFamily())
+
+
+def test_bad_estimator_arguments_are_clear_errors():
+  step = _step()
+  with pytest.raises(ValueError, match="trunc_length must be a positive integer"):
+    truncated_pes.TruncatedPES(truncated_step=step, trunc_length=0)
+  with pytest.raises(ValueError, match="std must be positive"):
+    truncated_pes.TruncatedPES(truncated_step=step, trunc_length=10, std=-1.0)
+  with pytest.raises(ValueError, match="multiple of steps_per_jit"):
+    truncated_pes.TruncatedPES(truncated_step=step, trunc_length=10, steps_per_jit=3)
+  with pytest.raises(ValueError, match="missing"):
+    truncated_pes.TruncatedPES(task_family=quadratics.FixedDimQuadraticFamily(3))
+  with pytest.raises(ValueError, match="num_tasks must be a positive integer"):
+    _step(num_tasks=0)
+
+
+def test_pes_built_from_parts_equals_pes_built_from_a_step():
+  lopt = mlp_lopt.MLPLOpt()
+  fam = quadratics.FixedDimQuadraticFamily(4)
+  sched = truncation_schedule.ConstantTruncationSchedule(7)
+  a = truncated_pes.TruncatedPES(task_family=fam, learned_opt=lopt, trunc_sched=sched,
+                                 num_tasks=4, trunc_length=5, std=0.05)
+  b = truncated_pes.TruncatedPES(
+      truncated_step=lopt_truncated_step.VectorizedLOptTruncatedStep(fam, lopt, sched, 4),
+      trunc_length=5, std=0.05)
+  theta = lopt.init(jax.random.key(0))
+  ids = jnp.arange(4)
+  outs = []
+  for est in (a, b):
+    st = est.init_local(theta, OS, jax.random.key(1), ids)
+    outs.append(est.estimate_local(theta, st, jax.random.key(2), ids, OS).loss)
+  assert float(outs[0]) == float(outs[1])
+
+
+def test_mlp_lopt_has_reference_size_and_keeps_state_shapes():
+  lopt = mlp_lopt.MLPLOpt()
+  theta = lopt.init(jax.random.key(0))
+  assert sum(x.size for x in jax.tree.leaves(theta)) == 1762
+  params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(())}
+  opt = lopt.opt_fn(theta)
+  s0 = opt.init(params, model_state={"bn": jnp.ones(2)})
+  s1 = opt.update(s0, jax.tree.map(jnp.ones_like, params), loss=jnp.asarray(1.0))
+  s2 = opt.update(s1, jax.tree.map(jnp.ones_like, params), loss=jnp.asarray(1.0))
+  assert jax.tree.structure(s2) == jax.tree.structure(s0)
+  assert jax.tree.map(lambda x: x.shape, s2) == jax.tree.map(lambda x: x.shape, s0)
+  assert int(s2.iteration) == 2 and s2.state["bn"].shape == (2,)
+  assert not np.allclose(s2.params["w"], params["w"])
+
+
+@pytest.mark.parametrize("opt", [opt_base.SGD(0.1), opt_base.Adam(0.1), opt_base.SGDM(0.05),
+                                 opt_base.RMSProp(0.05), opt_base.AdamW(0.1),
+                                 opt_base.GradientClipOptimizer(opt_base.SGD(0.1)),
+                                 lopt_base.LearnableAdam(0.1).opt_fn(
+                                     lopt_base.LearnableAdam(0.1).init(None)),
+                                 lopt_base.LearnableSGD(0.1).opt_fn(
+                                     lopt_base.LearnableSGD(0.1).init(None))],
+                         ids=lambda o: o.name)
+def test_optimizers_descend_a_quadratic(opt):
+  task = quadratics.FixedDimQuadraticFamily(5).task_fn(jnp.arange(5.0))
+  state = opt.init(jnp.zeros(5))
+  loss0 = task.loss(opt.get_params(state), None, None)
+
+  @jax.jit
+  def step(state):
+    g = jax.grad(task.loss)(opt.get_params(state), None, None)
+    return opt.update(state, g, loss=jnp.asarray(0.0))
+
+  for _ in range(100):
+    state = step(state)
+  assert int(state.iteration) == 100
+  assert task.loss(opt.get_params(state), None, None) < 0.1 * loss0
