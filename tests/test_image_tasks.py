@@ -62,7 +62,8 @@ def test_embedded_digits_task_learns(make):
 
 @pytest.mark.parametrize("make", [image_mlp.ImageMLP_FashionMnist8_Relu32,
                                   image_mlp.ImageMLP_Mnist8_Relu32,
-                                  conv.Conv_FashionMnist8_16x32,
+                                  pytest.param(conv.Conv_FashionMnist8_16x32,
+                                               marks=pytest.mark.slow),
                                   conv.Conv_Cifar10_8_16x32])
 def test_real_data_task_learns_on_written_files(make, data_dir):
   task = make(data_dir=data_dir)

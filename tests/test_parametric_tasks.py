@@ -73,7 +73,8 @@ def digits_mlp():
   return image_mlp.ImageMLP_Digits8_Relu32(batch_size=16)
 
 
-@pytest.mark.parametrize("other", ["same", "conv", "quadratic"])
+@pytest.mark.parametrize("other", ["same", pytest.param("conv", marks=pytest.mark.slow),
+                                   "quadratic"])
 def test_sample_fixed_tasks_family(other, digits_mlp):
   b = {"same": lambda: image_mlp.ImageMLP_Digits8_Relu32(batch_size=16),
        "conv": lambda: conv.Conv_Digits8_16x32(batch_size=16),
