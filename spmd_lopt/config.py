@@ -9,6 +9,7 @@ error that names the key and the known ones, not a silently ignored setting.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from typing import Optional
 
@@ -24,10 +25,12 @@ from spmd_lopt.outer_trainers import truncated_pes
 from spmd_lopt.outer_trainers import truncation_schedule
 from spmd_lopt.tasks import base as tasks_base
 from spmd_lopt.tasks import quadratics
+from spmd_lopt.tasks import registry
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every config key, with its default (the default job: PES on 10-d quadratics)."""
+  """Every config key, with its default (the default job: PES on 10-d quadratics plus the
+  embedded 8x8-digits image MLP, 8 tasks each)."""
   c = ml_collections.ConfigDict()
   c.name = "default"
   c.seed = 0
@@ -36,15 +39,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.steps_per_call = 1          # meta steps per dispatch (lax.scan over update)
   c.num_devices = 0             # 0: all global devices on the task axis
   # Inner problems: comma-separated task-family names, one estimator each.
-  c.tasks = "quadratic"
+  c.tasks = "quadratic,ImageMLP_Digits8_Relu32"
   c.quadratic_dim = 10
-  c.num_tasks = 16              # per estimator, across the whole mesh
+  c.data_dir = ""               # real data sets; "" = $SPMD_LOPT_DATA or ~/.cache/spmd_lopt
+  c.num_tasks = 8               # per estimator, across the whole mesh
   # Truncations.
   c.truncation = "log_uniform"  # or "constant" (then max_length is the length)
   c.min_length = 100
   c.max_length = 300
   c.random_initial_iteration_offset = 300
-  c.trunc_length = 50
+  c.trunc_length = 20
   # Gradient estimator.
   c.estimator = "pes"
   c.std = 0.01
@@ -107,9 +111,15 @@ def check_values(cfg) -> None:
 
 
 def make_task_family(name: str, cfg) -> tasks_base.TaskFamily:
+  """A family by registry name; ``quadratic`` takes ``cfg.quadratic_dim`` and tasks on
+  real data take ``cfg.data_dir``."""
   if name == "quadratic":
     return quadratics.FixedDimQuadraticFamily(cfg.quadratic_dim)
-  raise ValueError(f"Unknown task family {name!r}. Known: ['quadratic'].")
+  kwargs = {}
+  if cfg.data_dir and name in registry.task_names():
+    if "data_dir" in inspect.signature(registry._TASKS[name]).parameters:  # pylint: disable=protected-access
+      kwargs["data_dir"] = cfg.data_dir
+  return registry.get_task_family(name, **kwargs)
 
 
 def make_lopt(cfg) -> lopt_base.LearnedOptimizer:

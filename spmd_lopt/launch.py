@@ -180,6 +180,9 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
       "outer_steps": cfg.outer_steps,
       "meta_loss_start": records[0]["loss_avg"],
       "meta_loss_end": records[-1]["loss_avg"],
+      "per_family": {
+          name: [records[0][f"mean||{name}/mean_loss"], records[-1][f"mean||{name}/mean_loss"]]
+          for name in learner.metric_names},
       "compile_and_first_step_s": compile_s,
       "steps_per_s": steady_steps / elapsed if steady_steps else float("nan"),
       "workdir": os.path.abspath(workdir),
@@ -202,6 +205,7 @@ def _print_summary(s: dict[str, Any]):
       f"{s['devices']} device(s) ({s['device_kind']}).",
       f"  meta-loss: {s['meta_loss_start']:.4f} (first log) -> {s['meta_loss_end']:.4f} "
       "(last log)",
+      *[f"    {name}: {a:.4f} -> {b:.4f}" for name, (a, b) in s["per_family"].items()],
       f"  compile + first step: {s['compile_and_first_step_s']:.1f} s; steady state "
       f"{s['steps_per_s']:.1f} outer steps/s",
       f"  wrote: {s.get('metrics')}, {s.get('theta')}, {s.get('plot')}",
