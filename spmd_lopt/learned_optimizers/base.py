@@ -108,8 +108,15 @@ class _ThetaOptax(opt_base.Optimizer):
 
   def init(self, params, model_state=None, num_steps=None, key=None):
     del num_steps, key
+    # Build the optax state from (at least) float32 params: with bfloat16 params the
+    # moments would start bfloat16 and turn float32 after one update (theta-derived
+    # hyper-parameters are float32), which changes the state's dtype between steps and
+    # breaks lax.scan carries; float32 moments are also the only ones that can average.
+    wide = jax.tree.map(
+        lambda p: jnp.asarray(p, jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)),
+        params)
     return LearnableOptState(params=params, state=model_state,
-                             optax_opt_state=self.tx.init(params),
+                             optax_opt_state=self.tx.init(wide),
                              iteration=jnp.asarray(0, jnp.int32))
 
   def update(self, opt_state, grad, loss=None, model_state=None, key=None, **kwargs):
