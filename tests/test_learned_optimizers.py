@@ -183,7 +183,6 @@ def test_adafac_scalar_and_separate_paths_match_concat():
   steps = []
   # step_mult=1 so that step differences are not hidden by the params' rounding.
   for kw, th in [({}, theta), ({"concat_weights": False}, theta),
-                 ({"concat_weights": False, "split_weights": True}, theta),
                  ({"concat_weights": False, "make_separate_weights": True}, sep_theta)]:
     lopt = AdafacMLPLOpt(step_mult=1.0, **kw)
     _, _, s2 = _two_updates(lopt, th, params, grads, None, None)

@@ -100,29 +100,31 @@ def _describe(x) -> str:
   return f"shape {tuple(np.shape(x))} {np.dtype(x.dtype).name}"
 
 
-def first_theta_difference(expected, got, path: str = "") -> Optional[str]:
+def first_theta_difference(expected, got, path: str = "",
+                           got_name: str = "the checkpoint") -> Optional[str]:
   """The first leaf (sorted key order) where two theta state dicts differ in structure,
   shape or dtype, as a message; None when they match. ``expected`` may hold
   ``jax.ShapeDtypeStruct`` leaves."""
   where = path or "<root>"
   if isinstance(expected, Mapping) or isinstance(got, Mapping):
     if not (isinstance(expected, Mapping) and isinstance(got, Mapping)):
-      return f"at {where}: expected {_describe(expected)}, checkpoint has {_describe(got)}"
+      return (f"at {where}: expected {_describe(expected)}, {got_name} has "
+              f"{_describe(got)}")
     join = lambda k: f"{path}/{k}" if path else str(k)
     missing = sorted(set(expected) - set(got))
     if missing:
-      return f"leaf {join(missing[0])} is missing from the checkpoint"
+      return f"leaf {join(missing[0])} is missing from {got_name}"
     unexpected = sorted(set(got) - set(expected))
     if unexpected:
-      return f"the checkpoint has an unexpected leaf {join(unexpected[0])}"
+      return f"{got_name} has an unexpected leaf {join(unexpected[0])}"
     for k in sorted(expected):
-      diff = first_theta_difference(expected[k], got[k], join(k))
+      diff = first_theta_difference(expected[k], got[k], join(k), got_name)
       if diff:
         return diff
     return None
   if (tuple(np.shape(expected)) != tuple(np.shape(got))
       or np.dtype(expected.dtype) != np.dtype(got.dtype)):
-    return f"leaf {where}: expected {_describe(expected)}, checkpoint has {_describe(got)}"
+    return f"leaf {where}: expected {_describe(expected)}, {got_name} has {_describe(got)}"
   return None
 
 
@@ -147,7 +149,7 @@ def save_parameter_checkpoint(path: PathLike, lopt: lopt_base.LearnedOptimizer, 
                      "function and could not be re-imported on load.")
   got = flax.serialization.to_state_dict(jax.device_get(theta))
   expected = flax.serialization.to_state_dict(_theta_template(lopt))
-  diff = first_theta_difference(expected, got)
+  diff = first_theta_difference(expected, got, got_name="the given theta")
   if diff:
     raise ValueError(f"save_parameter_checkpoint: theta does not fit {cls.__name__} "
                      f"{lopt.config}: {diff}.")
