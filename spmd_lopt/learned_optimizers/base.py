@@ -111,7 +111,7 @@ class _ThetaOptax(opt_base.Optimizer):
     # Build the optax state from (at least) float32 params: with bfloat16 params the
     # moments would start bfloat16 and turn float32 after one update (theta-derived
     # hyper-parameters are float32), which changes the state's dtype between steps and
-    # breaks lax.scan carries; float32 moments are also the only ones that can average.
+    # breaks lax.scan carries (bfloat16 moments also round away (1 - beta2) g^2).
     wide = jax.tree.map(
         lambda p: jnp.asarray(p, jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)),
         params)
