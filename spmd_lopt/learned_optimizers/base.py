@@ -13,7 +13,9 @@ makes them the sanity check for every estimator.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+import inspect
+from typing import Any, Dict, Optional
 
 import flax
 import jax
@@ -26,10 +28,59 @@ from spmd_lopt.optimizers import base as opt_base
 MetaParams = Any
 
 
+def _json_normal(value):
+  """Tuples become lists (recursively) so that a config equals its own JSON round trip."""
+  if isinstance(value, (tuple, list)):
+    return [_json_normal(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _json_normal(v) for k, v in value.items()}
+  return value
+
+
 class LearnedOptimizer:
-  """Base class. Subclasses implement ``init`` and ``opt_fn``."""
+  """Base class. Subclasses implement ``init`` and ``opt_fn``.
+
+  Every subclass records the arguments its constructor was called with (defaults filled
+  in), so ``type(lopt)(**lopt.config)`` rebuilds an equivalent optimizer; parameter
+  checkpoints store ``config`` next to theta. The recording wraps each subclass's own
+  ``__init__`` once, at class creation, so subclasses need no code for it.
+  """
 
   name: Optional[str] = None
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "__init__" not in cls.__dict__:
+      return  # inherits an already-wrapped __init__ with the same arguments
+    original_init = cls.__dict__["__init__"]
+    signature = inspect.signature(original_init)
+
+    @functools.wraps(original_init)
+    def recording_init(self, *args, **kw):
+      # The outermost constructor runs first, so a subclass calling super().__init__
+      # keeps its own (the user's) arguments, not its parent's.
+      if "_config" not in self.__dict__:
+        bound = signature.bind(self, *args, **kw)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop(next(iter(signature.parameters)))  # self
+        for pname, param in signature.parameters.items():
+          if param.kind is inspect.Parameter.VAR_KEYWORD and pname in arguments:
+            arguments.update(arguments.pop(pname))
+          elif param.kind is inspect.Parameter.VAR_POSITIONAL and pname in arguments:
+            if arguments.pop(pname):
+              raise TypeError(f"{cls.__name__}: *args constructors cannot be recorded "
+                              "as a config; use keyword arguments.")
+        self._config = _json_normal(arguments)
+      original_init(self, *args, **kw)
+
+    cls.__init__ = recording_init
+
+  @property
+  def config(self) -> Dict[str, Any]:
+    """Constructor keyword arguments (tuples as lists): ``type(self)(**config)`` rebuilds
+    an equivalent optimizer."""
+    return _json_normal(self.__dict__.get("_config", {}))
 
   def init(self, key: jax.Array) -> MetaParams:
     raise NotImplementedError
@@ -57,8 +108,15 @@ class _ThetaOptax(opt_base.Optimizer):
 
   def init(self, params, model_state=None, num_steps=None, key=None):
     del num_steps, key
+    # Build the optax state from (at least) float32 params: with bfloat16 params the
+    # moments would start bfloat16 and turn float32 after one update (theta-derived
+    # hyper-parameters are float32), which changes the state's dtype between steps and
+    # breaks lax.scan carries (bfloat16 moments also round away (1 - beta2) g^2).
+    wide = jax.tree.map(
+        lambda p: jnp.asarray(p, jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)),
+        params)
     return LearnableOptState(params=params, state=model_state,
-                             optax_opt_state=self.tx.init(params),
+                             optax_opt_state=self.tx.init(wide),
                              iteration=jnp.asarray(0, jnp.int32))
 
   def update(self, opt_state, grad, loss=None, model_state=None, key=None, **kwargs):
