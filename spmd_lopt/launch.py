@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from spmd_lopt import config as config_lib
 from spmd_lopt import sharding
+from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
 _FLAGS = {}
@@ -89,17 +90,6 @@ def _plot(records, path: str, title: str):
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
-
-
-def _save_theta(path: str, learner, theta, cfg):
-  from flax import serialization  # pylint: disable=import-outside-toplevel
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(serialization.to_bytes(jax.device_get(theta)))
-  os.replace(tmp, path)
-  meta = {"lopt": type(learner.meta_init).__name__, "config": cfg.to_dict()}
-  with open(path + ".json", "w") as f:
-    json.dump(meta, f, indent=1)
 
 
 def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
@@ -188,8 +178,10 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
       "workdir": os.path.abspath(workdir),
   }
   if is_main:
-    theta_path = os.path.join(workdir, "theta.msgpack")
-    _save_theta(theta_path, learner, learner.get_meta_params(state), cfg)
+    theta_path = os.path.join(workdir, "theta.lopt")
+    lopt_checkpoint.save_parameter_checkpoint(
+        theta_path, learner.meta_init, jax.device_get(learner.get_meta_params(state)),
+        extra={"outer_step": cfg.outer_steps, "config": cfg.name})
     plot_path = os.path.join(workdir, "meta_loss.png")
     _plot(records, plot_path, f"{cfg.name}: meta-loss")
     summary.update(theta=theta_path, plot=plot_path, metrics=metrics_path)

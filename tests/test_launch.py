@@ -29,8 +29,12 @@ def test_cli_meta_trains_and_writes_its_outputs(tmp_path):
   first = (records[0]["loss_avg"] + records[1]["loss_avg"]) / 2
   last = (records[-1]["loss_avg"] + records[-2]["loss_avg"]) / 2
   assert last < 0.85 * first, (first, last)
-  for name in ("theta.msgpack", "meta_loss.png", "summary.json", "config.json"):
+  for name in ("theta.lopt", "meta_loss.png", "summary.json", "config.json"):
     assert (workdir / name).stat().st_size > 0
+  from spmd_lopt.learned_optimizers import checkpoint, mlp_lopt
+  ckpt = checkpoint.load_parameter_checkpoint(str(workdir / "theta.lopt"),
+                                              expect=mlp_lopt.MLPLOpt())
+  assert ckpt.extra["outer_step"] == 300
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["devices"] == 2 and summary["outer_steps"] == 300
   assert "meta-loss:" in proc.stdout and "steps/s" in proc.stdout
