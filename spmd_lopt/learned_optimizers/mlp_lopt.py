@@ -97,15 +97,17 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
 
       def init(self, params, model_state=None, num_steps=None, key=None):
         del num_steps, key
+        # Momenta stay float32 whatever the params' dtype: a 0.9999 running average cannot
+        # move in bfloat16.
         moms = jax.tree.map(
-            lambda p: jnp.zeros(p.shape + (len(MOMENTUM_DECAYS),), p.dtype), params)
+            lambda p: jnp.zeros(p.shape + (len(MOMENTUM_DECAYS),), jnp.float32), params)
         return MLPLOptState(params=params, rolling_features=moms,
                             iteration=jnp.asarray(0, jnp.int32), state=model_state)
 
       def update(self, opt_state, grad, loss=None, model_state=None, key=None, **kw):
         del loss, key, kw
         moms = jax.tree.map(
-            lambda m, g: (decays * m + (1 - decays) * g[..., None]).astype(m.dtype),
+            lambda m, g: decays * m + (1 - decays) * g[..., None].astype(m.dtype),
             opt_state.rolling_features, grad)
         step_features = tanh_embedding(opt_state.iteration)
 
