@@ -106,8 +106,11 @@ class GradientEstimator:
   def init_local(self, theta, outer_state: OuterState, key, task_ids) -> Any:
     raise NotImplementedError
 
-  def estimate_local(self, theta, state, key, task_ids,
-                     outer_state: OuterState) -> LocalEstimate:
+  def estimate_local(self, theta, state, key, task_ids, outer_state: OuterState,
+                     data=None) -> LocalEstimate:
+    """``data``: ``None`` (tasks draw batches on device) or host-fed batches for the slice,
+    leaves ``[unroll_length, len(task_ids), ...]``. Estimators that do not take host-fed
+    data may omit the argument."""
     raise NotImplementedError
 
   # --- the reference's host API -----------------------------------------------------
@@ -122,12 +125,18 @@ class GradientEstimator:
   def compute_gradient_estimate(self, worker_weights: WorkerWeights, key, state,
                                 with_summary: bool = False, datas_list=None
                                 ) -> tuple[GradientEstimatorOut, Mapping[str, jax.Array]]:
-    """One estimate over all tasks: ``(GradientEstimatorOut, metrics)``."""
-    del with_summary, datas_list  # data is drawn on device; summaries come as metrics
+    """One estimate over all tasks: ``(GradientEstimatorOut, metrics)``.
+
+    ``datas_list``: optional host-fed batches, leaves ``[unroll_length, num_tasks, ...]``.
+    """
+    del with_summary  # summaries come back as metrics
     if not hasattr(self, "_jit_estimate"):
-      self._jit_estimate = jax.jit(
-          lambda th, s, k, os: self.estimate_local(th, s, k, jnp.arange(self.num_tasks), os))
-    est = self._jit_estimate(worker_weights.theta, state, key, worker_weights.outer_state)
+      def estimate(th, s, k, os, data):
+        kwargs = {} if data is None else {"data": data}
+        return self.estimate_local(th, s, k, jnp.arange(self.num_tasks), os, **kwargs)
+      self._jit_estimate = jax.jit(estimate)
+    est = self._jit_estimate(worker_weights.theta, state, key, worker_weights.outer_state,
+                             datas_list)
     out = GradientEstimatorOut(mean_loss=est.loss, grad=est.grad, unroll_state=est.state,
                                unroll_info=est.unroll_info)
     return out, {"nonfinite": est.nonfinite}

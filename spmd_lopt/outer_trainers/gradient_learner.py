@@ -167,21 +167,23 @@ class SpmdGradientLearner:
     return WorkerWeights(theta=self.theta_opt.get_params(opt_state), theta_model_state=None,
                          outer_state=OuterState(outer_iteration=opt_state.iteration))
 
-  def _estimate(self, state: SingleMachineState, key):
+  def _estimate(self, state: SingleMachineState, key, datas=None):
     """The sharded half of a meta step: every estimator on every device, reduced.
 
     Returns ``(new_estimator_states, grads per estimator, losses[E], nonfinite[E])``.
     """
+    datas = self._check_datas(datas)
     opt_state = state.gradient_learner_state.theta_opt_state
     theta = self.theta_opt.get_params(opt_state)
     ax = self.axis_name
 
-    def body(theta, est_states, key, outer_iteration):
+    def body(theta, est_states, key, outer_iteration, datas):
       outer_state = OuterState(outer_iteration=outer_iteration)
       new_states, grads, losses, nonfinite = [], [], [], []
       for i, (est, n) in enumerate(zip(self.gradient_estimators, self._num_local)):
+        kwargs = {} if datas[i] is None else {"data": datas[i]}
         res = est.estimate_local(theta, est_states[i], jax.random.fold_in(key, i),
-                                 sharding.local_task_ids(n, ax), outer_state)
+                                 sharding.local_task_ids(n, ax), outer_state, **kwargs)
         new_states.append(res.state)
         grads.append(jax.lax.pmean(res.grad, ax))
         losses.append(jax.lax.pmean(res.loss, ax))
@@ -189,9 +191,33 @@ class SpmdGradientLearner:
       return tuple(new_states), tuple(grads), jnp.stack(losses), jnp.stack(nonfinite)
 
     return jax.shard_map(
-        body, mesh=self.mesh, in_specs=(P(), P(ax), P(), P()),
+        body, mesh=self.mesh, in_specs=(P(), P(ax), P(), P(), P(None, ax)),
         out_specs=(P(ax), P(), P(), P()))(theta, state.gradient_estimator_states, key,
-                                          opt_state.iteration)
+                                          opt_state.iteration, datas)
+
+  def _check_datas(self, datas):
+    """Host-fed batches: ``None`` or one entry per estimator (``None`` = draw on device),
+    leaves ``[unroll_length, num_tasks, ...]``, sharded over tasks by ``shard_datas``."""
+    if datas is None:
+      return (None,) * len(self.gradient_estimators)
+    if len(datas) != len(self.gradient_estimators):
+      raise ValueError(f"datas has {len(datas)} entries for "
+                       f"{len(self.gradient_estimators)} estimators.")
+    for est, d in zip(self.gradient_estimators, datas):
+      for leaf in jax.tree.leaves(d):
+        if leaf.ndim < 2 or leaf.shape[1] != est.num_tasks:
+          raise ValueError(f"host-fed data for {est.task_name()} must have leaves "
+                           f"[unroll_length, num_tasks={est.num_tasks}, ...], got "
+                           f"{leaf.shape}.")
+    return tuple(datas)
+
+  def shard_datas(self, datas):
+    """Place host batches (numpy, leaves ``[T, num_tasks, ...]``) sharded over tasks.
+
+    In a multi-process run each process passes the full arrays and keeps its shard."""
+    spec = jax.sharding.NamedSharding(self.mesh, P(None, self.axis_name))
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(x.shape, spec, lambda idx: x[idx]), datas)
 
   def meta_gradient(self, state: SingleMachineState, key):
     """The averaged meta-gradient and meta-loss of one step, without applying it (and
@@ -203,10 +229,10 @@ class SpmdGradientLearner:
       self._jit_meta_gradient = jax.jit(fn)
     return self._jit_meta_gradient(state, sharding.replicate(key, self.mesh))
 
-  def _step(self, state: SingleMachineState, key, with_metrics: bool):
+  def _step(self, state: SingleMachineState, key, with_metrics: bool, datas=None):
     opt_state = state.gradient_learner_state.theta_opt_state
     theta = self.theta_opt.get_params(opt_state)
-    new_states, grads, losses, nonfinite = self._estimate(state, key)
+    new_states, grads, losses, nonfinite = self._estimate(state, key, datas)
     num = len(grads)
     grad = jax.tree.map(lambda *g: sum(g) / num, *grads)
     loss = jnp.mean(losses)
@@ -226,12 +252,17 @@ class SpmdGradientLearner:
       metrics["none||theta_norm"] = optax.tree.norm(theta)
     return new_state, loss, metrics
 
-  def update(self, state: SingleMachineState, key, with_metrics: bool = False):
-    """One meta step: ``(state, key) -> (state, loss, metrics)``. Donates ``state``."""
+  def update(self, state: SingleMachineState, key, with_metrics: bool = False,
+             datas=None):
+    """One meta step: ``(state, key) -> (state, loss, metrics)``. Donates ``state``.
+
+    ``datas`` (optional): host-fed batches, one entry per estimator (see ``shard_datas``);
+    by default every task draws its batches on device.
+    """
     if with_metrics not in self._jit_update:
       self._jit_update[with_metrics] = jax.jit(
-          lambda s, k: self._step(s, k, with_metrics), donate_argnums=(0,))
-    return self._jit_update[with_metrics](state, sharding.replicate(key, self.mesh))
+          lambda s, k, d: self._step(s, k, with_metrics, d), donate_argnums=(0,))
+    return self._jit_update[with_metrics](state, sharding.replicate(key, self.mesh), datas)
 
   def update_many(self, state: SingleMachineState, key, num_steps: int,
                   with_metrics: bool = False):

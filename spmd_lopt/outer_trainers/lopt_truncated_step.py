@@ -130,12 +130,13 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
                                 truncation_state=trunc_state, task_param=task_param,
                                 is_done=jnp.asarray(False))
 
-  def _train_one(self, theta, state: TruncatedUnrollState, key):
+  def _train_one(self, theta, state: TruncatedUnrollState, key, batch=None):
     k_data, k_loss, k_opt, k_meta = jax.random.split(key, 4)
     task = self.task_family.task_fn(state.task_param)
     opt = self.learned_opt.opt_fn(theta, is_training=True)
     params, model_state = opt.get_params_state(state.inner_opt_state)
-    batch = task.sample_batch(k_data, "train")
+    if batch is None:
+      batch = task.sample_batch(k_data, "train")
 
     def loss_fn(p):
       return task.loss_with_state(p, model_state, k_loss, batch)
@@ -169,8 +170,11 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
   def unroll_step(self, theta, state: TruncatedUnrollState, key, data=None,
                   outer_state=None, theta_is_vector: bool = False,
                   task_ids: Optional[jax.Array] = None):
-    """One inner step of every task. Returns ``(state, TruncatedUnrollOut[tasks])``."""
-    del data  # batches are drawn on device by the task itself
+    """One inner step of every task. Returns ``(state, TruncatedUnrollOut[tasks])``.
+
+    ``data``: ``None`` (each task draws its batch on device) or a host-fed batch per task,
+    leaves ``[tasks, ...]``.
+    """
     task_ids = self._task_ids(task_ids)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
     th_axis = 0 if theta_is_vector else None
@@ -178,7 +182,8 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     k_reset = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     k_sched = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
 
-    trained, loss = jax.vmap(self._train_one, in_axes=(th_axis, 0, 0))(theta, state, k_step)
+    trained, loss = jax.vmap(self._train_one, in_axes=(th_axis, 0, 0, 0))(
+        theta, state, k_step, data)
     reset = state.is_done
 
     def with_resets():
@@ -199,13 +204,19 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     return next_state, out
 
   def unroll(self, theta, state, key, num_steps: int, outer_state,
-             theta_is_vector: bool = False, task_ids: Optional[jax.Array] = None):
-    """``num_steps`` inner steps in one ``lax.scan``; outputs are ``[num_steps, tasks]``."""
+             theta_is_vector: bool = False, task_ids: Optional[jax.Array] = None,
+             data=None):
+    """``num_steps`` inner steps in one ``lax.scan``; outputs are ``[num_steps, tasks]``.
+
+    ``data``: ``None`` (batches drawn on device) or host-fed batches with leaves
+    ``[num_steps, tasks, ...]`` (the reference's ``datas_list`` path).
+    """
     task_ids = self._task_ids(task_ids)
 
-    def body(state, step):
-      return self.unroll_step(theta, state, jax.random.fold_in(key, step),
+    def body(state, xs):
+      step, batch = xs
+      return self.unroll_step(theta, state, jax.random.fold_in(key, step), data=batch,
                               outer_state=outer_state, theta_is_vector=theta_is_vector,
                               task_ids=task_ids)
 
-    return jax.lax.scan(body, state, jnp.arange(num_steps))
+    return jax.lax.scan(body, state, (jnp.arange(num_steps), data))

@@ -144,30 +144,32 @@ class TruncatedPES(estimator_base.GradientEstimator):
     return PESWorkerState(pos_state=state, neg_state=state, accumulator=acc)
 
   def _antithetic_unroll(self, theta, eps, state: PESWorkerState, key, task_ids,
-                         outer_state):
+                         outer_state, data=None):
     step = self.truncated_step
     pos_theta = common.add_per_task(theta, eps, +1.0)
     neg_theta = common.add_per_task(theta, eps, -1.0)
-    run = lambda th, st, ids: step.unroll(th, st, key, self.trunc_length, outer_state,
-                                          theta_is_vector=True, task_ids=ids)
+    run = lambda th, st, ids, d: step.unroll(th, st, key, self.trunc_length, outer_state,
+                                             theta_is_vector=True, task_ids=ids, data=d)
     if self.stack_antithetic_samples:
       n = task_ids.shape[0]
+      # Both halves see the same batches: the antithetic difference must not carry data noise.
+      both_data = jax.tree.map(lambda d: jnp.concatenate([d, d], axis=1), data)
       both, out = run(common.concat_tasks(pos_theta, neg_theta),
                       common.concat_tasks(state.pos_state, state.neg_state),
-                      jnp.concatenate([task_ids, task_ids]))
+                      jnp.concatenate([task_ids, task_ids]), both_data)
       pos_state, neg_state = common.split_tasks(both, n)
       p_out = jax.tree.map(lambda x: x[:, :n], out)
       n_out = jax.tree.map(lambda x: x[:, n:], out)
     else:
-      pos_state, p_out = run(pos_theta, state.pos_state, task_ids)
-      neg_state, n_out = run(neg_theta, state.neg_state, task_ids)
+      pos_state, p_out = run(pos_theta, state.pos_state, task_ids, data)
+      neg_state, n_out = run(neg_theta, state.neg_state, task_ids, data)
     return pos_state, neg_state, p_out, n_out
 
-  def estimate_local(self, theta, state, key, task_ids, outer_state):
+  def estimate_local(self, theta, state, key, task_ids, outer_state, data=None):
     k_noise, k_unroll = jax.random.split(key)
     eps = common.per_task_noise(k_noise, task_ids, theta, self.std)
     pos_state, neg_state, p_out, n_out = self._antithetic_unroll(
-        theta, eps, state, k_unroll, task_ids, outer_state)
+        theta, eps, state, k_unroll, task_ids, outer_state, data)
 
     mask = p_out.mask
     w_old, w_new = pes_weights(p_out.loss - n_out.loss, mask, p_out.is_reset)
