@@ -197,8 +197,10 @@ def _all_estimators(lopt, num_tasks=16):
 
 def test_every_estimator_gives_the_same_numbers_on_1_and_8_devices(devices):
   """One learner holding all five estimators (so also a multi-estimator learner: PES with
-  each new one), two sharded estimate calls (the second from the carried, sharded states)
-  and one update. The tolerances are tests/test_learner.py's: 1e-5 for the first call
+  each new one) and two sharded estimate calls, the second from the carried, sharded
+  states. ``_estimate`` is the whole sharded half of ``update`` (the outer update after it
+  is estimator-agnostic and covered by tests/test_learner.py); calling it keeps the
+  per-estimator gradients, and saves compiling a second copy of the program. The tolerances are tests/test_learner.py's: 1e-5 for the first call
   (same inputs, only the reduction order differs), 1e-4 once inputs carry rounding that ES
   amplifies by ~1/std."""
   names = ["PES", "NRES", "FullES", "TruncatedGrad", "FullGrad"]
@@ -206,7 +208,7 @@ def test_every_estimator_gives_the_same_numbers_on_1_and_8_devices(devices):
   for n in (1, 8):
     lopt = _lopt()
     lrn = gradient_learner.SpmdGradientLearner(lopt, _all_estimators(lopt),
-                                               opt_base.SGD(0.1),
+                                               opt_base.Adam(1e-3),
                                                mesh=sharding.make_mesh(num_devices=n))
     state = lrn.init(jax.random.key(0))
     estimate = jax.jit(lrn._estimate)  # the sharded half of update, per estimator
@@ -217,11 +219,8 @@ def test_every_estimator_gives_the_same_numbers_on_1_and_8_devices(devices):
     _, grads2, losses2, nonfinite = estimate(state2, key2)
     noise = est_states[1].noise["params"]["Dense_0"]["kernel"]
     assert len(noise.sharding.device_set) == n
-    state, loss, _ = lrn.update(state2, key2)
-    results[n] = jax.device_get((grads1, losses1, grads2, losses2, nonfinite, loss,
-                                 lrn.get_meta_params(state)))
-  (g1a, l1a, g2a, l2a, nfa, la, tha), (g1b, l1b, g2b, l2b, nfb, lb, thb) = (results[1],
-                                                                           results[8])
+    results[n] = jax.device_get((grads1, losses1, grads2, losses2, nonfinite))
+  (g1a, l1a, g2a, l2a, nfa), (g1b, l1b, g2b, l2b, nfb) = results[1], results[8]
   for i, name in enumerate(names):
     assert np.linalg.norm(_flat(g1a[i])) > 0, name
     e1, e2 = max_rel_err(g1b[i], g1a[i]), max_rel_err(g2b[i], g2a[i])
@@ -231,8 +230,6 @@ def test_every_estimator_gives_the_same_numbers_on_1_and_8_devices(devices):
   np.testing.assert_allclose(l1b, l1a, rtol=1e-5)
   np.testing.assert_allclose(l2b, l2a, rtol=1e-5)
   assert int(np.sum(nfa)) == 0 and int(np.sum(nfb)) == 0
-  assert abs(lb - la) <= 1e-5 * abs(la)
-  assert global_rel_err(thb, tha) < 1e-4
 
 
 class _MaybeNaNTask(tasks_base.Task):
@@ -299,3 +296,31 @@ def test_a_nan_in_one_task_leaves_theta_finite_and_is_counted(devices):
   assert metrics["mean||MaybeNaNQuadratic/nonfinite"] == 1 + theta_size
   assert metrics["mean||MaybeNaNQuadratic_1/nonfinite"] == 1 + theta_size
   assert metrics["none||nonfinite"] == 2 * (1 + theta_size)
+
+
+@pytest.mark.parametrize("name,cls", [("pes", truncated_pes.TruncatedPES),
+                                      ("nres", truncated_nres.TruncatedNRES),
+                                      ("full_es", full_es.FullES),
+                                      ("truncated_grad", truncated_grad.TruncatedGrad)])
+def test_config_builds_each_estimator(name, cls):
+  from spmd_lopt import config
+  cfg = config.validate({"estimator": name})
+  est = config.make_estimator(quadratics.FixedDimQuadraticFamily(4), _lopt(), cfg)
+  assert isinstance(est, cls)
+
+
+def test_config_rejects_an_unknown_estimator():
+  from spmd_lopt import config
+  with pytest.raises(ValueError, match="Known: pes, nres, full_es, truncated_grad"):
+    config.make_estimator(quadratics.FixedDimQuadraticFamily(4), _lopt(),
+                          config.validate({"estimator": "es"}))
+
+
+def test_full_es_requires_a_never_ending_truncated_step():
+  lopt = _lopt()
+  with pytest.raises(ValueError, match="NeverEndingTruncationSchedule"):
+    full_es.FullES(_step(lopt, 8, ts.ConstantTruncationSchedule(8)),
+                   ts.ConstantTruncationSchedule(8))
+  with pytest.raises(ValueError, match="NeverEndingTruncationSchedule"):
+    truncated_grad.FullGrad(_step(lopt, 8, ts.ConstantTruncationSchedule(8)),
+                            ts.ConstantTruncationSchedule(8))
