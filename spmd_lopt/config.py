@@ -19,8 +19,11 @@ from spmd_lopt import sharding
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import mlp_lopt
 from spmd_lopt.optimizers import base as opt_base
+from spmd_lopt.outer_trainers import full_es
 from spmd_lopt.outer_trainers import gradient_learner
 from spmd_lopt.outer_trainers import lopt_truncated_step
+from spmd_lopt.outer_trainers import truncated_grad
+from spmd_lopt.outer_trainers import truncated_nres
 from spmd_lopt.outer_trainers import truncated_pes
 from spmd_lopt.outer_trainers import truncation_schedule
 from spmd_lopt.tasks import base as tasks_base
@@ -50,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.random_initial_iteration_offset = 300
   c.trunc_length = 20
   # Gradient estimator.
-  c.estimator = "pes"
+  c.estimator = "pes"           # or "nres", "full_es", "truncated_grad"
   c.std = 0.01
   # Learned optimizer.
   c.lopt = "mlp_lopt"
@@ -155,15 +158,34 @@ def make_theta_opt(cfg) -> opt_base.Optimizer:
   return opt
 
 
+ESTIMATORS = ("pes", "nres", "full_es", "truncated_grad")
+
+
 def make_estimator(family, lopt, cfg):
+  """One estimator for ``family``. Truncated estimators (pes, nres, truncated_grad) unroll
+  ``trunc_length`` steps of trajectories whose lengths come from ``config.truncation``;
+  full_es unrolls whole trajectories with those lengths (its truncated step never ends
+  a trajectory itself; the chunk size is ``trunc_length`` when it divides max_length)."""
+  if cfg.estimator not in ESTIMATORS:
+    raise ValueError(f"Unknown estimator {cfg.estimator!r}. Known: {', '.join(ESTIMATORS)}.")
   sched = make_trunc_sched(cfg)
+  if cfg.estimator == "full_es":
+    step = lopt_truncated_step.VectorizedLOptTruncatedStep(
+        family, lopt, truncation_schedule.NeverEndingTruncationSchedule(),
+        num_tasks=cfg.num_tasks)
+    chunk = cfg.trunc_length if sched.max_length % cfg.trunc_length == 0 else None
+    return full_es.FullES(step, sched, std=cfg.std, steps_per_jit=chunk)
   step = lopt_truncated_step.VectorizedLOptTruncatedStep(
       family, lopt, sched, num_tasks=cfg.num_tasks,
       random_initial_iteration_offset=cfg.random_initial_iteration_offset)
   if cfg.estimator == "pes":
     return truncated_pes.TruncatedPES(truncated_step=step, trunc_length=cfg.trunc_length,
                                       std=cfg.std, steps_per_jit=None)
-  raise ValueError(f"Unknown estimator {cfg.estimator!r}. Known: pes.")
+  if cfg.estimator == "nres":
+    return truncated_nres.TruncatedNRES(truncated_step=step, trunc_length=cfg.trunc_length,
+                                        std=cfg.std, steps_per_jit=None)
+  return truncated_grad.TruncatedGrad(step, unroll_length=cfg.trunc_length,
+                                      steps_per_jit=None)
 
 
 def make_learner(cfg, mesh=None) -> gradient_learner.SpmdGradientLearner:

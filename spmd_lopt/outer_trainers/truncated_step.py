@@ -9,6 +9,9 @@ has a leading task axis. Estimators only call:
 - ``unroll(theta, state, key, num_steps, outer_state, theta_is_vector, task_ids)``: run
   ``num_steps`` inner steps with ``lax.scan``, returning the new state and per-step outputs
   with shape ``[num_steps, tasks]``.
+- ``unroll_step(theta, state, key, outer_state=, theta_is_vector=, task_ids=)``: one
+  inner step (``unroll`` runs it with ``fold_in(key, t)`` on step ``t``); estimators that
+  chunk an unroll (remat) or change theta between steps (noise-reuse ES) call it directly.
 
 ``theta_is_vector`` means theta has a leading task axis (one perturbed theta per task, as
 ES-style estimators need).
@@ -37,4 +40,8 @@ class VectorizedTruncatedStep:
 
   def unroll(self, theta, state, key, num_steps: int, outer_state,
              theta_is_vector: bool = False, task_ids: Optional[jax.Array] = None):
+    raise NotImplementedError
+
+  def unroll_step(self, theta, state, key, data=None, outer_state=None,
+                  theta_is_vector: bool = False, task_ids: Optional[jax.Array] = None):
     raise NotImplementedError

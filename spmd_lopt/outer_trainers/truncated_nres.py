@@ -1,0 +1,160 @@
+"""Noise-Reuse Evolution Strategies (Li et al., NeurIPS 2023), antithetic, online.
+
+Each task's trajectory draws one perturbation ``e_i ~ N(0, std^2 I)`` when it starts and
+keeps it for all its truncations: its ``+`` and ``-`` copies are always unrolled with
+``theta + e_i`` and ``theta - e_i``. Because the whole history of the trajectory saw the
+same ``e_i``, the current truncation's losses alone give an unbiased (smoothed) estimate of
+the gradient of those losses through the whole history, with no accumulator::
+
+    g_i  = [ sum_{t < r} m_t D_t * e_i  +  sum_{t >= r} m_t D_t * e'_i ] / (2 std^2 M)
+    grad = mean_i g_i
+
+with ``D_t = L+_t - L-_t``, ``M = sum_t m_t``, ``r`` the first reset step of the unroll
+(``T`` if none) and ``e'_i`` the fresh perturbation of the trajectory that starts at the
+reset. This is PES with the accumulated noise ``xi_i`` replaced by the trajectory's own
+noise: PES's ``xi_i`` is a sum of one draw per truncation so far (``E|xi|^2`` grows
+linearly with the number of truncations), NRES's ``e_i`` is one draw, hence lower variance
+when a trajectory spans several truncations (Li et al. 2023; ``tests/test_estimators``).
+
+Boundary handling is PES's (``truncated_pes``): the step on which a trajectory ends belongs
+to the old trajectory (its loss is computed from the old params, unrolled with ``e_i``);
+the new trajectory begins at the reset step, so the split is at the first reset step
+(``cumsum(is_reset) > 0``). For the new trajectory to see only ``e'_i``, theta switches
+from ``theta +- e_i`` to ``theta +- e'_i`` at that step: the unroll is a scan over single
+inner steps whose per-task theta is chosen from a carried "started a new trajectory" flag.
+After the call, a task that restarted keeps ``e'_i`` (its new trajectory's noise).
+
+State per task: the ``+``/``-`` inner states and the current trajectory's noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from spmd_lopt.outer_trainers import common
+from spmd_lopt.outer_trainers import estimator_base
+from spmd_lopt.outer_trainers import truncated_pes
+
+
+@flax.struct.dataclass
+class NRESWorkerState:
+  """pos_state/neg_state: task-batched unroll states; noise: the current trajectory's
+  perturbation, theta-shaped leaves with a leading task axis."""
+  pos_state: Any
+  neg_state: Any
+  noise: Any
+
+
+def _select(pred, a, b):
+  """Per-task ``where(pred_i, a_i, b_i)`` on task-batched pytrees; ``pred`` is ``[n]``."""
+  return jax.tree.map(
+      lambda x, y: jnp.where(pred.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
+
+
+class TruncatedNRES(estimator_base.GradientEstimator):
+  """Antithetic noise-reuse ES (module docstring). Same construction and options as
+  ``TruncatedPES``: ``trunc_length``, ``std``, ``steps_per_jit`` (validated only: the
+  truncation is one scan), ``stack_antithetic_samples``, ``sign_delta_loss_scalar``."""
+
+  def __init__(self, truncated_step=None, trunc_length: int = 10, std: float = 0.01,
+               steps_per_jit: Optional[int] = 10, stack_antithetic_samples: bool = True,
+               sign_delta_loss_scalar: Optional[float] = None,
+               clip_nan_loss_to_value: float = 20.0, *, task_family=None,
+               learned_opt=None, trunc_sched=None, num_tasks=None,
+               random_initial_iteration_offset: int = 0):
+    self.truncated_step = truncated_pes.build_truncated_step(
+        truncated_step, task_family, learned_opt, trunc_sched, num_tasks,
+        random_initial_iteration_offset, "TruncatedNRES")
+    if steps_per_jit is not None and steps_per_jit > trunc_length:
+      steps_per_jit = trunc_length
+    self.steps_per_jit = truncated_pes.check_lengths("TruncatedNRES", trunc_length,
+                                                     steps_per_jit)
+    if not std > 0:
+      raise ValueError(f"TruncatedNRES: std must be positive, got {std!r}.")
+    self.trunc_length = int(trunc_length)
+    self.std = float(std)
+    self.stack_antithetic_samples = bool(stack_antithetic_samples)
+    self.sign_delta_loss_scalar = sign_delta_loss_scalar
+    self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
+
+  def init_local(self, theta, outer_state, key, task_ids):
+    # The inner states use ``key`` exactly as PES does (same tasks for the same key); the
+    # first trajectories' noise comes from a separate stream of it.
+    state = self.truncated_step.init_step_state(theta, outer_state, key,
+                                                task_ids=task_ids)
+    noise = common.per_task_noise(jax.random.split(key)[1], task_ids, theta, self.std)
+    return NRESWorkerState(pos_state=state, neg_state=state, noise=noise)
+
+  def _unroll(self, theta, e_old, e_new, state: NRESWorkerState, key, task_ids,
+              outer_state):
+    """``trunc_length`` steps; step ``t`` uses ``fold_in(key, t)`` (as ``unroll``) and, per
+    task, ``theta +- e_old`` until the task's first reset step, ``theta +- e_new`` from it
+    on. Returns ``(pos_state, neg_state, p_out, n_out)``, outputs ``[T, n]``."""
+    step = self.truncated_step
+    n = task_ids.shape[0]
+    stacked = self.stack_antithetic_samples
+
+    def thetas(started):
+      e = _select(started, e_new, e_old)
+      return common.add_per_task(theta, e, +1.0), common.add_per_task(theta, e, -1.0)
+
+    def one_step(st, th, ids, k):
+      return step.unroll_step(th, st, k, outer_state=outer_state, theta_is_vector=True,
+                              task_ids=ids)
+
+    def body(carry, t):
+      pos, neg, started = carry
+      # pos.is_done marks the tasks this step resets: their new trajectory starts now.
+      started = started | pos.is_done
+      th_p, th_n = thetas(started)
+      k = jax.random.fold_in(key, t)
+      if stacked:
+        both, out = one_step(common.concat_tasks(pos, neg), common.concat_tasks(th_p, th_n),
+                             jnp.concatenate([task_ids, task_ids]), k)
+        pos, neg = common.split_tasks(both, n)
+        p_out = jax.tree.map(lambda x: x[:n], out)
+        n_out = jax.tree.map(lambda x: x[n:], out)
+      else:
+        pos, p_out = one_step(pos, th_p, task_ids, k)
+        neg, n_out = one_step(neg, th_n, task_ids, k)
+      return (pos, neg, started), (p_out, n_out)
+
+    # zeros_like of a state leaf (not jnp.zeros): under shard_map the carry must have the
+    # same "varying over the task axis" type as the flags it is OR-ed with.
+    init = (state.pos_state, state.neg_state, jnp.zeros_like(state.pos_state.is_done))
+    (pos, neg, _), (p_out, n_out) = jax.lax.scan(body, init,
+                                                 jnp.arange(self.trunc_length))
+    return pos, neg, p_out, n_out
+
+  def estimate_local(self, theta, state, key, task_ids, outer_state):
+    k_noise, k_unroll = jax.random.split(key)
+    e_old = state.noise
+    e_new = common.per_task_noise(k_noise, task_ids, theta, self.std)
+    pos_state, neg_state, p_out, n_out = self._unroll(
+        theta, e_old, e_new, state, k_unroll, task_ids, outer_state)
+
+    mask = p_out.mask
+    w_old, w_new = truncated_pes.pes_weights(p_out.loss - n_out.loss, mask, p_out.is_reset)
+    if self.sign_delta_loss_scalar is not None:
+      w_old = jnp.sign(w_old) * self.sign_delta_loss_scalar
+      w_new = jnp.sign(w_new) * self.sign_delta_loss_scalar
+    scale = 1.0 / (2.0 * self.std ** 2)
+    grads = jax.tree.map(jnp.add, common.scale_per_task(w_old * scale, e_old),
+                         common.scale_per_task(w_new * scale, e_new))
+    restarted = jnp.any(p_out.is_reset, axis=0)
+    next_noise = _select(restarted, e_new, e_old)
+
+    losses = common.masked_mean_over_steps(0.5 * (p_out.loss + n_out.loss), mask)
+    grads, losses, nonfinite = estimator_base.sanitize_per_task(
+        grads, losses, self.clip_nan_loss_to_value)
+    info = estimator_base.UnrollInfo(loss=p_out.loss, iteration=p_out.iteration,
+                                     task_param=p_out.task_param, is_done=p_out.is_done)
+    return estimator_base.LocalEstimate(
+        grad=jax.tree.map(lambda g: jnp.mean(g, axis=0), grads),
+        loss=jnp.mean(losses), nonfinite=nonfinite,
+        state=NRESWorkerState(pos_state=pos_state, neg_state=neg_state, noise=next_noise),
+        unroll_info=info)
