@@ -54,6 +54,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -510,6 +511,10 @@ def _parse_flags(argv):
 
 
 def main(argv):
+  if not flags.FLAGS["verbosity"].present:
+    # absl logs INFO to stderr by default (e.g. jax's backend probing); keep stderr for
+    # warnings and the one-line error.
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
   F = {k: v.value for k, v in _FLAGS.items()}
