@@ -134,3 +134,19 @@ def test_periodic_evaluator_schedule_and_plot(tmp_path):
   cfg.eval_tasks = "no_such_task"
   with pytest.raises(ValueError, match="no_such_task"):
     evaluate.PeriodicEvaluator.from_config(cfg, learner)
+
+
+def test_launcher_logs_periodic_evaluations(tmp_path):
+  """The hook in launch.train: eval/<task>/final_loss in metrics.jsonl, eval.png."""
+  from spmd_lopt import launch  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.base_config()
+  cfg.update(dict(tasks="quadratic", quadratic_dim=3, num_tasks=8, num_devices=1,
+                  trunc_length=5, min_length=10, max_length=20,
+                  random_initial_iteration_offset=20, outer_steps=10, log_every=5,
+                  lopt="learnable_adam", eval_every=5, eval_steps=5, eval_seeds=2))
+  summary = launch.train(cfg, str(tmp_path), show_progress=False)
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [5, 10]
+  assert all(np.isfinite(r["eval/quadratic/final_loss"]) for r in records)
+  assert summary["eval_plot"] == str(tmp_path / "eval.png")
+  assert (tmp_path / "eval.png").stat().st_size > 0
