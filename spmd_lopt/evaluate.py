@@ -204,6 +204,8 @@ class PeriodicEvaluator:
   or when disabled, or off process 0). Evaluation uses a fixed key, so every evaluation
   sees the same held-out tasks, inits and batches and the curve shows theta's change,
   not sampling noise. ``finish(workdir)`` plots the evaluations to ``eval.png``.
+  Evaluations run synchronously on process 0's default device (the first one compiles),
+  so their time counts in the launcher's steps/s; ``eval/time_s`` says how much.
   """
 
   def __init__(self, lopt, theta_fn: Callable[[Any], Any], tasks: Mapping[str, TaskLike],
@@ -417,10 +419,12 @@ def plot(result: dict[str, Any], path: str):
   opts = result["optimizers"]
   learned = [k for k, v in opts.items() if v["kind"] == "learned"]
   adams = [k for k, v in opts.items() if v["kind"] == "adam"]
+  # Adam lrs in their own (viridis) colours so that they never look like a learned curve.
+  adam_colors = {k: plt.cm.viridis(i / max(1, len(adams) - 1)) for i, k in enumerate(adams)}
   finite = []
   for ax, key, x in ((axes[0], "train_loss", steps), (axes[1], "test_loss", ev)):
     for i, k in enumerate(learned):
-      _band(ax, x, opts[k][key], f"C{[0, 3, 2, 4, 5, 6][i % 6]}", k)
+      _band(ax, x, opts[k][key], ["C0", "C3", "C1", "C4", "C5", "C6"][i % 6], k)
       finite.append(np.asarray(opts[k][key]))
     for k in adams:
       if k == result["best_adam"]:
@@ -428,7 +432,7 @@ def plot(result: dict[str, Any], path: str):
         finite.append(np.asarray(opts[k][key]))
       else:
         ax.plot(x, np.nanmean(np.asarray(opts[k][key], np.float64), 0), lw=0.7, ls="--",
-                alpha=0.6, label=k)
+                alpha=0.7, color=adam_colors[k], label=k)
     ax.set_yscale("log")
     ax.set_xlabel("inner step")
     ax.grid(alpha=0.3, which="both")
