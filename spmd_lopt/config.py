@@ -65,6 +65,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer_opt = "adam"
   c.outer_lr = 1e-3
   c.outer_grad_clip = 0.0       # > 0: clip theta-gradient entries to [-c, c]
+  # --- periodic evaluation (spmd_lopt.evaluate.PeriodicEvaluator) ---
+  c.eval_every = 0              # outer steps between evaluations; 0 = off
+  c.eval_tasks = ""             # comma-separated task (family) names; "" = c.tasks
+  c.eval_steps = 300            # inner steps per evaluation run
+  c.eval_seeds = 4              # runs (held-out task samples) per task
+  # --- end periodic evaluation ---
   return c
 
 

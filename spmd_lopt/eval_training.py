@@ -5,7 +5,9 @@
 opt.update(s_t, g_t, loss=L_t, key=key_t)`` as a ``lax.scan``, and every ``eval_every``
 steps (and at steps 0 and ``num_steps``) the mean loss over ``eval_batches`` fresh batches
 of each split in ``eval_splits``. The optimizer can be hand-designed or
-``lopt.opt_fn(theta)``. ``multi_seed_training_curves`` vmaps the same program over keys.
+``lopt.opt_fn(theta)``. ``multi_seed_training_curves`` vmaps the same program over keys;
+``training_curves_fn`` is the pure program itself, for callers that vmap it over more
+(optimizer hyper-parameters, sampled tasks: see ``spmd_lopt.evaluate``).
 
 Returned dict (numpy):
   ``train/loss``: f32[num_steps], the batch loss at each step, before its update;
@@ -120,3 +122,18 @@ def multi_seed_training_curves(task: Task, opt: Optimizer, num_steps: int,
   out = {k: np.asarray(v) for k, v in out.items()}
   out["eval/step"] = np.tile(_eval_steps(num_steps, eval_every), (num_seeds, 1))
   return out
+
+
+def eval_step_schedule(num_steps: int, eval_every: int) -> np.ndarray:
+  """i32[E]: the steps at which the curves evaluate (0, eval_every, ..., num_steps)."""
+  return _eval_steps(num_steps, eval_every)
+
+
+def training_curves_fn(task: Task, opt: Optimizer, num_steps: int, eval_every: int = 10,
+                       eval_batches: int = 5,
+                       eval_splits: Sequence[str] = ("train", "test")):
+  """The pure ``key -> curves`` function (jnp arrays, no ``eval/step`` entry) behind the
+  two functions above, for callers that ``jit``/``vmap`` it themselves. ``task`` and
+  ``opt`` may be built from traced values (a sampled task param, a traced theta or
+  learning rate), so one program can cover a sweep."""
+  return _curves_fn(task, opt, num_steps, eval_every, eval_batches, tuple(eval_splits))

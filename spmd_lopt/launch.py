@@ -27,6 +27,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from spmd_lopt import config as config_lib
+from spmd_lopt import evaluate as evaluate_lib  # periodic evaluation (config.eval_every)
 from spmd_lopt import sharding
 from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
 
@@ -120,6 +121,7 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   writer = _ScalarWriter(workdir) if is_main else None
   records, pending = [], []
+  evaluator = evaluate_lib.PeriodicEvaluator.from_config(cfg, learner, enabled=is_main)
   progress = None
   if is_main and show_progress:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -148,6 +150,7 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
         window = jax.tree.map(lambda *xs: stack(*xs).mean(), *[h[1] for h in host])
         rec = {"step": step, "loss": float(losses[-1]), "loss_avg": float(losses.mean()),
                "time": time.time() - t_start, **_to_python(window)}
+        rec.update(evaluator.maybe_evaluate(step, state))  # {} unless an eval is due
         records.append(rec)
         pending = []
         if is_main:
@@ -191,7 +194,8 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
         extra={"outer_step": cfg.outer_steps, "config": cfg.name})
     plot_path = os.path.join(workdir, "meta_loss.png")
     _plot(records, plot_path, f"{cfg.name}: meta-loss")
-    summary.update(theta=theta_path, plot=plot_path, metrics=metrics_path)
+    summary.update(theta=theta_path, plot=plot_path, metrics=metrics_path,
+                   eval_plot=evaluator.finish(workdir))  # eval.png, or None if eval off
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
     writer.close()
