@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Optional
 
 from absl import app
@@ -389,7 +390,7 @@ def _print_summary(s: dict[str, Any]):
   print("\n".join(lines), flush=True)
 
 
-def main(argv):
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Before anything touches a device: join the other processes (if any).
@@ -399,19 +400,28 @@ def main(argv):
   cfg.lock()
   workdir = _WORKDIR.value or os.path.join("runs", cfg.name)
   mesh = sharding.mesh_from_spec(_MESH.value) if _MESH.value else None
+  summary = train(cfg, workdir, mesh=mesh, restore_from=_RESTORE_FROM.value,
+                  mesh_spec=_MESH.value or "")
+  if sharding.is_logging_process():
+    _print_summary(summary)
+
+
+def main(argv):
   try:
-    summary = train(cfg, workdir, mesh=mesh, restore_from=_RESTORE_FROM.value,
-                    mesh_spec=_MESH.value or "")
+    _main(argv)
   except Preempted as e:
     print(f"spmd_lopt: {e}", file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
-  except (checkpoints.ConfigMismatchError, checkpoints.NoValidCheckpointError,
-          ValueError, TimeoutError, FileNotFoundError) as e:
-    # Our own errors say what to fix; no traceback.
+  except (ValueError, TimeoutError, FileNotFoundError,
+          checkpoints.NoValidCheckpointError) as e:
+    # Errors raised by spmd_lopt itself (config checks, ConfigMismatchError, coordinator
+    # timeout, ...) say what to fix: one line, no traceback. Anything raised elsewhere
+    # (a bug, a JAX error) keeps its traceback.
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames or f"{os.sep}spmd_lopt{os.sep}" not in frames[-1].filename:
+      raise
     print(f"spmd_lopt: error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-  if sharding.is_logging_process():
-    _print_summary(summary)
 
 
 def run():
