@@ -22,6 +22,7 @@ from spmd_lopt import checkpoints
 from spmd_lopt import config as config_lib
 from spmd_lopt import launch
 from spmd_lopt import sharding
+from spmd_lopt.outer_trainers import gradient_learner
 
 from helpers import global_rel_err
 
@@ -269,8 +270,14 @@ def _swap_in_older_state(step_dir):
 
 # orbax's aborted read of a truncated file leaves an asyncio callback behind: harmless.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", [_truncate_data_files, _swap_in_older_state],
-                         ids=["truncated_files", "wrong_arrays_fingerprint"])
+def _garble_metadata(step_dir):
+  with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
+    f.write('{"step": 20, "fingerp')
+
+
+@pytest.mark.parametrize("damage", [_truncate_data_files, _swap_in_older_state,
+                                    _garble_metadata],
+                         ids=["truncated_files", "wrong_arrays_fingerprint", "torn_meta"])
 def test_damaged_latest_checkpoint_falls_back_to_previous(straight, tmp_path, capsys,
                                                           damage):
   workdir = tmp_path / "damaged"
@@ -311,3 +318,63 @@ def test_mismatched_config_at_the_cli_is_one_clear_line(straight, tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "spmd_lopt: error: Refusing to resume" in proc.stderr
   assert "['trunc_length']" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_all_checkpoints_damaged_is_a_clear_error(straight, tmp_path):
+  workdir = tmp_path / "all_damaged"
+  os.makedirs(workdir / "checkpoints")
+  shutil.copytree(os.path.join(straight, "checkpoints", "20"), workdir / "checkpoints" / "20")
+  _garble_metadata(str(workdir / "checkpoints" / "20"))
+  with pytest.raises(checkpoints.NoValidCheckpointError, match=r"None of the checkpoints"):
+    _train(workdir, outer_steps=20)
+
+
+def test_restore_from_another_run_leaves_it_untouched(straight, tmp_path):
+  """--restore_from: a fresh workdir starts at the other run's newest step (20) and goes
+  on to 25; the other run's checkpoints are read-only."""
+  before = sorted(os.listdir(os.path.join(straight, "checkpoints")))
+  workdir = str(tmp_path / "forked")
+  cfg = _cfg(outer_steps=25)
+  summary = launch.train(cfg, workdir, mesh=sharding.make_mesh(num_devices=8),
+                         show_progress=False, restore_from=straight)
+  assert summary["resumed_from_step"] == 20
+  assert [r["step"] for r in _records(workdir)] == [25]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["25"]
+  assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == before
+
+
+def test_time_based_checkpoints_are_due(tmp_path, monkeypatch):
+  ck = checkpoints.Checkpointer(str(tmp_path / "c"), every_steps=0, every_secs=60.0)
+  now = [1000.0]
+  monkeypatch.setattr(checkpoints.time, "time", lambda: now[0])
+  ck._last_save_time = now[0]  # pylint: disable=protected-access
+  assert ck.enabled and not ck.due(3)
+  now[0] += 61
+  assert ck.due(4)
+  ck.close()
+  off = checkpoints.Checkpointer(str(tmp_path / "d"), every_steps=0, every_secs=0)
+  assert not off.enabled and not off.due(10)
+  off.close()
+
+
+def test_sigint_with_steps_per_call_resumes_exactly(tmp_path, monkeypatch):
+  """SIGINT (in-process) after the first call of 5 steps with steps_per_call=5 and
+  log_every=10: the checkpoint at step 5 carries the 5 un-logged losses, so the resumed
+  run's step-10 record (loss and loss_avg) and theta equal the uninterrupted run's."""
+  over = dict(steps_per_call=5, log_every=10, checkpoint_every=0, outer_steps=10)
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  _train(a, **over)
+  orig = gradient_learner.SpmdGradientLearner.update_many
+
+  def interrupted(self, *args, **kwargs):
+    out = orig(self, *args, **kwargs)
+    signal.raise_signal(signal.SIGINT)  # as if Ctrl-C arrived during this call
+    return out
+
+  monkeypatch.setattr(gradient_learner.SpmdGradientLearner, "update_many", interrupted)
+  with pytest.raises(launch.Preempted, match="Stopped by SIGINT after outer step 5"):
+    _train(b, **over)
+  monkeypatch.setattr(gradient_learner.SpmdGradientLearner, "update_many", orig)
+  assert _train(b, **over)["resumed_from_step"] == 5
+  assert _losses(a) == _losses(b) and list(_losses(a)) == [10]
+  jax.tree.map(np.testing.assert_array_equal, _theta(a), _theta(b))
