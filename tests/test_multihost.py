@@ -9,9 +9,11 @@ baselines run in this pytest process on 4 of its 8 virtual devices.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -40,7 +42,7 @@ def _free_port():
 
 
 def _spawn(workdir, num_processes, port, per_process=None, timeout_s=120, only=None,
-           **overrides):
+           prelude="", **overrides):
   """Start ``num_processes`` CLI processes (or just those in ``only``) with 2 CPU devices
   each; return them."""
   procs = []
@@ -49,10 +51,12 @@ def _spawn(workdir, num_processes, port, per_process=None, timeout_s=120, only=N
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "spmd_lopt.launch", f"--workdir={workdir}",
-           f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-           f"--process_id={i}", f"--init_timeout_s={timeout_s}"]
-    cmd += [f"--config.{k}={v}" for k, v in conf.items()]
+    argv = [f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+            f"--num_processes={num_processes}", f"--process_id={i}",
+            f"--init_timeout_s={timeout_s}"]
+    argv += [f"--config.{k}={v}" for k, v in conf.items()]
+    cmd = [sys.executable, "-c", f"import sys; sys.argv = ['launch'] + {argv!r}\n"
+           f"{prelude}\nfrom spmd_lopt.launch import run\nrun()\n"]
     procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   return procs
@@ -215,3 +219,43 @@ def test_cluster_detection(monkeypatch):
   assert sharding.detected_cluster() == "SLURM"
   with pytest.raises(ValueError, match="needs all of --coordinator_address"):
     sharding.initialize(coordinator_address="127.0.0.1:1234")
+
+
+_SLOW_STEPS = """
+import time
+from spmd_lopt.outer_trainers import gradient_learner as _gl
+_orig_update = _gl.SpmdGradientLearner.update
+def _slow_update(self, *a, **k):
+  time.sleep(0.3)
+  return _orig_update(self, *a, **k)
+_gl.SpmdGradientLearner.update = _slow_update
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_and_resumes(tmp_path):
+  """SIGTERM reaches only process 1: the processes agree at the next log step, write one
+  checkpoint together and both exit with 143; a new 2-process launch resumes there."""
+  workdir = str(tmp_path / "w")
+  procs = _spawn(workdir, 2, _free_port(), prelude=_SLOW_STEPS, outer_steps=100000,
+                 checkpoint_every=0)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  try:
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+      assert time.time() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+  finally:
+    outs = _finish(procs)
+  for rc, _, err in outs:
+    assert rc == 128 + signal.SIGTERM, err[-4000:]
+  (stopped_at,) = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert stopped_at % TINY["log_every"] == 0  # multi-process: stops at a log step
+  assert f"after outer step {stopped_at}" in outs[0][2]
+  outs = _finish(_spawn(workdir, 2, _free_port(), outer_steps=stopped_at + 5))
+  for rc, _, err in outs:
+    assert rc == 0, err[-4000:]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert json.load(f)["resumed_from_step"] == stopped_at
+  assert [r["step"] for r in _records(workdir)][-2:] == [stopped_at, stopped_at + 5]
