@@ -259,6 +259,10 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
       raise ValueError(f"The checkpoint is at step {start_step}, not a multiple of "
                        f"steps_per_call={spc}.")
   start_call = min(start_step // spc, num_calls)
+  if start_step >= cfg.outer_steps and is_main:
+    print(f"spmd_lopt: {workdir} is already at outer step {start_step} >= outer_steps="
+          f"{cfg.outer_steps}: nothing to train. Raise --config.outer_steps to continue, "
+          "or use another --workdir for a fresh run.", file=sys.stderr, flush=True)
   # Keys of the remaining calls, made on device at once, replicated: the loop never
   # ships a key. Call c (first step c*spc) gets fold_in(k_steps, c*spc).
   starts = np.arange(start_call, max(num_calls, start_call + 1), dtype=np.int32) * spc

@@ -11,6 +11,17 @@ The whole design is stated here once:
 ``jax.make_mesh`` gives *Explicit* axes on current JAX: arrays passed to a ``shard_map``
 must already carry the ``NamedSharding`` that its ``in_specs`` name. The learner's ``init``
 therefore builds its state with ``out_shardings`` from ``state_shardings`` below.
+
+Multi-host: ``initialize`` starts ``jax.distributed`` (explicit coordinator flags, or
+auto-detected on SLURM / Open MPI / multi-host Cloud TPU) before any device is touched;
+after it ``jax.devices()`` lists every process's devices and the meshes here span them.
+The state is then made of global arrays: theta replicated on every device, unroll states
+split over the task axis, and each process computes and holds only the shards of its own
+devices (the learner's ``init`` is one jitted ``shard_map``, so process ``p`` runs the
+task indices of its devices only). Host values (keys) enter through ``replicate``, which
+builds the global array from every process's identical copy; ``check_same_across_processes``
+refuses to start when processes got different configs; ``is_logging_process`` picks the
+one process that writes logs. ``mesh_from_spec`` reads ``--mesh tasks=4,model=2``.
 """
 
 from __future__ import annotations
