@@ -256,8 +256,9 @@ class Checkpointer:
     dest_root = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt")
     logging.error("Checkpoint %s/%d is damaged (%s); moving it to %s and trying the "
                   "previous one.", self.directory, step, reason, dest_root)
-    print(f"WARNING: checkpoint {self.directory}/{step} is damaged ({reason}); "
-          f"falling back to the previous checkpoint.", flush=True)
+    if jax.process_index() == 0:
+      print(f"WARNING: checkpoint {self.directory}/{step} is damaged ({reason}); "
+            f"falling back to the previous checkpoint.", flush=True)
     if not self.read_only and jax.process_index() == 0:
       os.makedirs(dest_root, exist_ok=True)
       src = os.path.join(self.directory, str(step))

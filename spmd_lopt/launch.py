@@ -248,7 +248,11 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
   num_calls = cfg.outer_steps // spc
 
   t_start = time.time()
-  restored = _restore(learner, cfg, workdir, restore_from, ckpt)
+  try:
+    restored = _restore(learner, cfg, workdir, restore_from, ckpt)
+  except BaseException:
+    ckpt.close()  # let orbax's threads end before the error propagates
+    raise
   if restored is None:
     state, start_step, pending = learner.init(sharding.replicate(k_init, learner.mesh)), 0, []
   else:
