@@ -36,12 +36,19 @@ for ((i = 0; i < N; i++)); do
       --num_processes="${N}" --process_id="${i}" "$@" >"${LOGDIR}/process_${i}.log" 2>&1 &
   pids+=($!)
 done
+# Forward Ctrl-C / SIGTERM to every process; they checkpoint together and exit.
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
 
+set +e
 status=0
 for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    echo "process ${i} failed; see ${LOGDIR}/process_${i}.log" >&2; status=1
+  while true; do
+    wait "${pids[$i]}"; rc=$?
+    # A trapped signal interrupts `wait` (rc > 128): wait again while it still runs.
+    kill -0 "${pids[$i]}" 2>/dev/null || break
+  done
+  if [[ $rc -ne 0 ]]; then
+    echo "process ${i} exited with ${rc}; see ${LOGDIR}/process_${i}.log" >&2; status=$rc
   fi
 done
 [[ $status -eq 0 ]] && tail -n 5 "${LOGDIR}/process_0.log"

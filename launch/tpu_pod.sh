@@ -13,10 +13,10 @@
 #     --command="git clone ... ~/spmd_lopt && pip install -e ~/spmd_lopt 'jax[tpu]'"
 #
 # Notes:
-# - No --coordinator_address/--num_processes/--process_id: on TPU VMs
-#   jax.distributed.initialize() configures itself (spmd_lopt.sharding.initialize calls
-#   it with no arguments when it detects a multi-host TPU slice). If your image does not
-#   set TPU_WORKER_HOSTNAMES, pass the three flags explicitly (worker 0's internal IP).
+# - --coordinator_address=auto: on TPU VMs jax.distributed.initialize() with no
+#   arguments finds the coordinator, process count and index itself (from the TPU
+#   metadata); spmd_lopt.sharding.initialize makes exactly that call. Alternatively pass
+#   --coordinator_address=<worker 0 internal IP>:8476 --num_processes --process_id.
 # - WORKDIR must be shared by all hosts (a gs:// bucket): every host writes its shards
 #   of each checkpoint there; only process 0 writes logs/metrics/plots.
 # - Every worker must get identical flags: a mismatched config is refused at start-up.
@@ -30,4 +30,4 @@ PROJECT_FLAG=()
 ARGS="$(printf '%q ' "$@")"
 gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" "${PROJECT_FLAG[@]}" \
   --worker=all \
-  --command="cd ~/spmd_lopt && python -m spmd_lopt.launch --workdir=${WORKDIR} ${ARGS}"
+  --command="cd ~/spmd_lopt && python -m spmd_lopt.launch --coordinator_address=auto --workdir=${WORKDIR} ${ARGS}"

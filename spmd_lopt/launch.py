@@ -53,8 +53,9 @@ _RESTORE_FROM = flags.DEFINE_string(
 _MESH = flags.DEFINE_string("mesh", None, "Mesh axes over all global devices, e.g. "
                             "'tasks=4,model=2' (default: one 'tasks' axis).")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0 for multi-process runs (omit on "
-    "SLURM / Cloud TPU: detected).")
+    "coordinator_address", None, "HOST:PORT of process 0 for multi-process runs; 'auto' "
+    "lets jax.distributed.initialize() configure itself (Cloud TPU VMs); omit on SLURM "
+    "(detected).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _INIT_TIMEOUT = flags.DEFINE_float("init_timeout_s", 300.0, "Seconds to wait for the "

@@ -218,7 +218,8 @@ def initialize(coordinator_address: Optional[str] = None,
 
   - explicit ``coordinator_address``, ``num_processes``, ``process_id`` (all three):
     ``jax.distributed.initialize`` with them (process 0 hosts the coordinator);
-  - none given but a cluster is detected (SLURM, Open MPI, multi-host Cloud TPU):
+  - none given but a cluster is detected (SLURM, Open MPI, multi-host Cloud TPU with
+    ``TPU_WORKER_HOSTNAMES``), or ``coordinator_address="auto"``:
     ``jax.distributed.initialize()`` with no arguments, as JAX configures itself there;
   - otherwise: nothing (single process). ``num_processes=1`` also means nothing.
 
@@ -226,9 +227,16 @@ def initialize(coordinator_address: Optional[str] = None,
   the cross-process collectives are gloo's. A coordinator that cannot be reached within
   ``timeout_s`` raises ``TimeoutError`` naming the address.
   """
+  if coordinator_address == "auto":  # trust JAX's own detection (e.g. GCE TPU VMs)
+    coordinator_address, cluster = None, "coordinator_address=auto"
+    if num_processes is not None or process_id is not None:
+      raise ValueError("coordinator_address=auto lets JAX find num_processes and "
+                       "process_id; do not pass them too.")
+  else:
+    cluster = None
   given = [v is not None for v in (coordinator_address, num_processes, process_id)]
   if not any(given):
-    cluster = detected_cluster()
+    cluster = cluster or detected_cluster()
     if cluster is None:
       return False
     print(f"spmd_lopt: {cluster} detected; jax.distributed.initialize() "

@@ -259,3 +259,12 @@ def test_sigterm_to_one_process_stops_all_and_resumes(tmp_path):
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["resumed_from_step"] == stopped_at
   assert [r["step"] for r in _records(workdir)][-2:] == [stopped_at, stopped_at + 5]
+
+
+def test_auto_calls_jax_distributed_without_arguments(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  assert sharding.initialize("auto", timeout_s=7) is True
+  assert calls == [((), {"initialization_timeout": 7})]
+  with pytest.raises(ValueError, match="auto lets JAX find"):
+    sharding.initialize("auto", num_processes=2)
