@@ -41,6 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.steps_per_call = 1          # meta steps per dispatch (lax.scan over update)
   c.num_devices = 0             # 0: all global devices on the task axis
+  # Checkpoints (<workdir>/checkpoints): every N outer steps and/or every S seconds, and
+  # at the end of the run; 0 and 0 = only on SIGTERM/SIGINT. See spmd_lopt.checkpoints.
+  c.checkpoint_every = 0
+  c.checkpoint_every_secs = 600.0
+  c.keep_checkpoints = 3
   # Inner problems: comma-separated task-family names, one estimator each.
   c.tasks = "quadratic,ImageMLP_Digits8_Relu32"
   c.quadratic_dim = 10
@@ -109,11 +114,19 @@ def check_values(cfg) -> None:
               "min_length", "max_length", "quadratic_dim"):
     if int(cfg[key]) <= 0:
       raise ValueError(f"config.{key} must be a positive integer, got {cfg[key]!r}.")
+  if cfg.checkpoint_every < 0 or cfg.checkpoint_every_secs < 0:
+    raise ValueError("config.checkpoint_every and config.checkpoint_every_secs must be "
+                     ">= 0 (0 turns that trigger off).")
+  if cfg.keep_checkpoints < 1:
+    raise ValueError(f"config.keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}.")
   if cfg.random_initial_iteration_offset < 0:
     raise ValueError("config.random_initial_iteration_offset must be >= 0.")
   if cfg.outer_steps % cfg.steps_per_call:
     raise ValueError(f"config.outer_steps ({cfg.outer_steps}) must be a multiple of "
                      f"config.steps_per_call ({cfg.steps_per_call}).")
+  if cfg.checkpoint_every % cfg.steps_per_call:
+    raise ValueError(f"config.checkpoint_every ({cfg.checkpoint_every}) must be a multiple "
+                     f"of config.steps_per_call ({cfg.steps_per_call}).")
   if cfg.log_every % cfg.steps_per_call:
     raise ValueError(f"config.log_every ({cfg.log_every}) must be a multiple of "
                      f"config.steps_per_call ({cfg.steps_per_call}).")
