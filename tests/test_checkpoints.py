@@ -16,7 +16,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import serialization
 
 from spmd_lopt import checkpoints
 from spmd_lopt import config as config_lib
@@ -63,8 +62,8 @@ def _launch_cmd(workdir, prelude="", extra_args=(), **overrides):
 
 
 def _theta(workdir):
-  with open(os.path.join(workdir, "theta.msgpack"), "rb") as f:
-    return serialization.msgpack_restore(f.read())
+  from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
+  return lopt_checkpoint.load_parameter_checkpoint(os.path.join(workdir, "theta.lopt")).theta
 
 
 def _records(workdir):

@@ -18,7 +18,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import serialization
 
 from spmd_lopt import checkpoints
 from spmd_lopt import config as config_lib
@@ -76,8 +75,8 @@ def _finish(procs, timeout=400):
 
 
 def _theta(workdir):
-  with open(os.path.join(workdir, "theta.msgpack"), "rb") as f:
-    return serialization.msgpack_restore(f.read())
+  from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
+  return lopt_checkpoint.load_parameter_checkpoint(os.path.join(workdir, "theta.lopt")).theta
 
 
 def _records(workdir):
