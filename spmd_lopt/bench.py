@@ -524,6 +524,11 @@ def measure_fused(bcfg, spec: dict) -> dict:
   compiled = jitted.lower(state, keys[0]).compile()
   cost = _cost(compiled)
   mem = _memory(compiled)
+  try:
+    hlo = compiled.as_text()
+    n_allreduce = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
+  except Exception:  # pylint: disable=broad-except
+    n_allreduce = None
   if spc == 1:
     inner = inner_step_cost(lrn, nd)
     flops = corrected_cost(cost["flops"], inner["flops"], bcfg.trunc_length)
@@ -555,7 +560,7 @@ def measure_fused(bcfg, spec: dict) -> dict:
       "flops_per_step": None if flops is None else flops * nd,
       "bytes_per_step": None if bytes_ is None else bytes_ * nd,
       "achieved_flops_per_s": None if flops is None else flops * nd / st["median"],
-      "memory_per_device": mem,
+      "memory_per_device": mem, "all_reduce_ops": n_allreduce,
       "device_kind": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
   }
   return res
@@ -678,13 +683,11 @@ def _spawn(bcfg, spec: dict, env_extra: dict, outfile: str, extra_args=(),
   cmd = [sys.executable, "-m", "spmd_lopt.bench", "--worker", json.dumps(spec),
          "--worker_config", json.dumps(bcfg.to_dict()), "--worker_out", outfile,
          *extra_args]
-  preexec = None
-  if affinity is not None and hasattr(os, "sched_setaffinity"):
+  if affinity is not None and hasattr(os, "sched_getaffinity"):
     cpus = sorted(os.sched_getaffinity(0))
-    core = cpus[affinity % len(cpus)]
-    preexec = lambda: os.sched_setaffinity(0, {core})
-  return subprocess.Popen(cmd, env=env, cwd=root, preexec_fn=preexec,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd += ["--pin_cpu", str(cpus[affinity % len(cpus)])]  # the worker pins itself
+  return subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
 
 
 def _collect(proc, outfile, timeout) -> tuple[list[dict], str]:
@@ -789,7 +792,7 @@ def summarize(results: list[dict], peak_flops: float, platform_: str,
   summ: dict[str, Any] = {"weak": {}, "strong": {}, "host_ratio": {}, "steps_per_call": {},
                           "multiprocess": {}, "memory": {}}
   for r in ok:
-    if r["kind"] == "fused" and r.get("achieved_flops_per_s"):
+    if r["kind"] in ("fused", "multiprocess") and r.get("achieved_flops_per_s"):
       # CPU virtual devices share the host's cores: the peak is the machine's, not x N.
       peak = peak_flops if platform_ == "cpu" else peak_flops * r["num_devices"]
       r["roofline_fraction"] = r["achieved_flops_per_s"] / peak
@@ -1034,6 +1037,9 @@ def _arg(argv, name, default=None):
 
 def worker_main(argv) -> None:
   """``--worker SPEC --worker_config CFG --worker_out FILE [--mp_* ...]``."""
+  pin = _arg(argv, "--pin_cpu")
+  if pin is not None and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {int(pin)})  # before jax starts its threads
   import ml_collections  # pylint: disable=import-outside-toplevel
   nproc = int(_arg(argv, "--mp_num_processes", "1"))
   if nproc > 1:
@@ -1046,6 +1052,10 @@ def worker_main(argv) -> None:
   recs = run_worker(bcfg, spec)
   for r in recs:
     r["load_avg_after"] = load_average()
+    r["cpu_affinity"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else None
+    if nproc > 1:
+      r["cpu_collectives"] = "gloo"
   with open(_arg(argv, "--worker_out"), "w") as f:
     json.dump(recs, f, default=str)
 
