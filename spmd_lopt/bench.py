@@ -886,9 +886,14 @@ def write_plots(results: list[dict], summary: dict, outdir: str) -> list[str]:
       axes[1].plot(ns, [by_n[str(n)]["efficiency"] for n in ns],
                    "o-" if kind == "weak" else "s--", label=f"{kind} {name}")
   axes[0].set(xlabel="devices", ylabel="inner task-steps / s (total)", xscale="log",
-              yscale="log", title="throughput")
+              title="throughput")
   axes[1].set(xlabel="devices", ylabel="parallel efficiency", xscale="log",
               title="efficiency (weak T1/TN, strong T1/(N TN))")
+  counts = sorted({r["num_devices"] for r in ok})
+  for ax in axes[:2]:
+    ax.set_xticks(counts)
+    ax.set_xticklabels([str(n) for n in counts])
+    ax.minorticks_off()
   axes[1].axhline(1.0, color="k", lw=0.5)
   roof = [r for r in ok if r.get("roofline_fraction")]
   labels = [f"{'+'.join(r['families'])}\n{r['num_devices']}d x {r['tasks_per_device']}t"
@@ -896,7 +901,7 @@ def write_plots(results: list[dict], summary: dict, outdir: str) -> list[str]:
   axes[2].bar(range(len(roof)), [r["roofline_fraction"] for r in roof])
   axes[2].set_xticks(range(len(roof)))
   axes[2].set_xticklabels(labels, rotation=90, fontsize=6)
-  axes[2].set(ylabel="achieved / matmul peak", title="roofline fraction", yscale="log")
+  axes[2].set(ylabel="achieved FLOP/s / f32 matmul peak", title="roofline fraction")
   for ax in axes[:2]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
@@ -937,10 +942,12 @@ def format_table(results: list[dict]) -> str:
 
 def format_summary(summary: dict) -> str:
   lines = []
-  for kind in ("weak", "strong"):
+  for kind, extra in (("weak", "throughput_speedup"), ("strong", "speedup")):
     for name, by_n in summary[kind].items():
       eff = ", ".join(f"{n}: {v['efficiency']:.2f}" for n, v in by_n.items())
-      lines.append(f"{kind} scaling {name}: efficiency by devices {{{eff}}}")
+      spd = ", ".join(f"{n}: {v[extra]:.2f}x" for n, v in by_n.items())
+      lines.append(f"{kind} scaling {name}: efficiency by devices {{{eff}}}; "
+                   f"{extra} {{{spd}}}")
   for name, v in summary["host_ratio"].items():
     lines.append(f"host round-trip baseline {name}: fused is {v['fused_speedup']:.2f}x "
                  f"faster ({v['host_step_s'] * 1e3:.1f} ms vs {v['fused_step_s'] * 1e3:.1f} ms)")

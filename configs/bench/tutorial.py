@@ -1,15 +1,18 @@
 """Bench: the reference tutorial workload (acceptance workload of issue 8).
 
-Measures: one fused learner with two PES estimators, FixedDimQuadraticFamily(10) and the
-8x8 image MLP (``image_mlp``: the stand-in ``StandInImageMLP`` until the real
-``ImageMLP_Digits8_Relu32`` is merged), trunc_length 50, MLPLOpt, LogUniformLengthSchedule
-(100, 300). Strong scaling at 16 tasks per estimator over 1, 2, 4, 8 (virtual) devices;
-weak scaling at 2 tasks/device/estimator; 1-device points at 2, 4, 16 tasks feed the memory
-fit; host round-trip baseline at 16 tasks; steps_per_call 1 vs 4; multi-process weak
-scaling 1 vs 2 processes (one core each) at 8 tasks per process per estimator.
+Measures two workloads. (1) The acceptance workload: one fused learner with two PES
+estimators, FixedDimQuadraticFamily(10) and the 8x8 image MLP (``image_mlp``: the stand-in
+``StandInImageMLP`` until the real ``ImageMLP_Digits8_Relu32`` is merged), 16 tasks each,
+trunc_length 50, MLPLOpt, LogUniformLengthSchedule(100, 300). (2) The quadratic estimator
+alone (small tasks: dispatch-bound). For each: strong scaling at 16 tasks per estimator over
+1, 2, 4, 8 (virtual) devices; weak scaling at 2 tasks/device/estimator; the 1-device points
+at 2 and 16 tasks feed the memory fit; host round-trip baseline at 16 tasks; steps_per_call
+1 vs 4. Multi-process weak scaling 1 vs 2 processes (one core each, gloo) on workload (1)
+at 8 tasks per process per estimator.
 
-Takes about 10 minutes on the shared 2-core CPU machine (dominated by ~20-40 s of compile
-per device count and ~0.5-1 s per meta step at 16+16 tasks).
+Takes about 12-15 minutes on the shared 2-core CPU machine at load average ~6 (compiles of
+10-30 s per point, ~0.2-0.4 s per meta step of workload (1) at 16+16 tasks); less on an
+idle machine.
 
 Command::
 
@@ -22,7 +25,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.name = "tutorial"
-  c.workloads = "quadratic,image_mlp"
+  c.workloads = "quadratic,image_mlp;quadratic"
   c.estimators = "pes"
   c.device_counts = "1,2,4,8"
   c.tasks_per_device = "2"
