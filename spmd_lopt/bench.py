@@ -177,6 +177,7 @@ def default_config():
   c.mp_processes = 0              # >1: multi-process weak scaling, 1 vs this many
   c.mp_tasks_per_process = 4
   c.mp_port = 0                   # 0: pick a free port
+  c.mp_pin = True                 # pin process i to core i (os.sched_setaffinity)
   c.peak_matmul_n = 1024          # size of the square f32 matmul timed for the peak
   c.memory_budget_gb = 0.0        # 0: 90% of accelerator memory, or RAM / devices on CPU
   c.subprocess = True             # CPU: a fresh process per device count
@@ -759,7 +760,8 @@ def run_multiprocess(bcfg, workdir: str, log=print) -> list[dict]:
       procs.append(_spawn(bcfg, spec, {"XLA_FLAGS": f"{flags} {bcfg.xla_flags}".strip(),
                                        "JAX_PLATFORMS": "cpu"}, out,
                           ["--mp_num_processes", str(nproc), "--mp_process_id", str(i),
-                           "--mp_coordinator", f"127.0.0.1:{port}"], affinity=i))
+                           "--mp_coordinator", f"127.0.0.1:{port}"],
+                          affinity=i if bcfg.mp_pin else None))
     got = [_collect(p, o, bcfg.worker_timeout_s) for p, o in zip(procs, outs)]
     recs, msg = got[0]
     if not recs:
@@ -886,7 +888,7 @@ def write_plots(results: list[dict], summary: dict, outdir: str) -> list[str]:
       axes[1].plot(ns, [by_n[str(n)]["efficiency"] for n in ns],
                    "o-" if kind == "weak" else "s--", label=f"{kind} {name}")
   axes[0].set(xlabel="devices", ylabel="inner task-steps / s (total)", xscale="log",
-              title="throughput")
+              yscale="log", title="throughput")
   axes[1].set(xlabel="devices", ylabel="parallel efficiency", xscale="log",
               title="efficiency (weak T1/TN, strong T1/(N TN))")
   counts = sorted({r["num_devices"] for r in ok})
@@ -990,15 +992,20 @@ def run_bench(bcfg, outdir: str, log=print) -> dict:
   os.makedirs(outdir, exist_ok=True)
   t_start = time.time()
   load_before = load_average()
-  peak = measure_peak_matmul(bcfg.peak_matmul_n)
+  platform_ = jax.devices()[0].platform
+  # Accelerators need a bigger matmul to approach their peak.
+  peak = measure_peak_matmul(bcfg.peak_matmul_n if platform_ == "cpu"
+                             else max(bcfg.peak_matmul_n, 8192))
   log(f"[bench] {jax.devices()[0].device_kind}: f32 matmul peak "
       f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s (n={peak['n']}); load {load_before}")
   by_n = plan(bcfg)
   results = run_points(bcfg, by_n, outdir, log)
-  if int(bcfg.mp_processes) > 1:
+  if int(bcfg.mp_processes) > 1 and platform_ != "cpu":
+    log("[bench] multi-process skipped: it is a CPU experiment (one CPU device per process, "
+        "gloo); on accelerators launch one process per host with jax.distributed instead.")
+  elif int(bcfg.mp_processes) > 1:
     log(f"[bench] multi-process: 1 vs {bcfg.mp_processes} processes")
     results.extend(run_multiprocess(bcfg, outdir, log))
-  platform_ = jax.devices()[0].platform
   budget = memory_budget_bytes(bcfg, max(by_n) if by_n else 1)
   summary = summarize(results, peak["flops_per_s"], platform_, budget)
   meta = {

@@ -161,3 +161,16 @@ def test_worker_subprocess_for_2_devices(tmp_path):
   assert len(res) == 1 and not res[0].get("error"), res[0].get("error")
   assert res[0]["num_devices"] == 2 and res[0]["total_tasks_per_estimator"] == 2
   assert os.path.exists(tmp_path / "worker_2dev.json")
+
+
+def test_two_process_gloo_run(tmp_path):
+  """Multi-process weak scaling: 1 then 2 processes (one CPU device each, gloo) run the
+  fused step through the library unchanged and report timings."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the multi-process experiment is CPU-only")
+  cfg = _tiny_cfg(mp_processes=2, mp_tasks_per_process=1, mp_pin=False)
+  res = bench.run_multiprocess(cfg, str(tmp_path), log=lambda *_: None)
+  assert [r.get("error") for r in res] == [None, None], [r.get("error") for r in res]
+  assert [(r["num_processes"], r["num_devices"], r["total_tasks_per_estimator"])
+          for r in res] == [(1, 1, 1), (2, 2, 2)]
+  assert res[1]["cpu_collectives"] == "gloo" and res[1]["step_time_s"]["median"] > 0
