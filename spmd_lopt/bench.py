@@ -9,8 +9,9 @@ For one config (``configs/bench/*.py``, ``get_config()`` returning overrides of
 ``default_config()`` below) it measures, over a grid of device counts, tasks per device,
 estimators and task-family workloads:
 
-- **compile**: ahead-of-time lower + compile of the step (``compile_s``) and the first call
-  of ``learner.update`` (``first_call_s``), separately from the steady state;
+- **compile**: the first call of ``learner.update`` (``first_call_s`` = trace + lower +
+  compile + one step) and ``compile_s = first_call_s - median step``, apart from the steady
+  state;
 - **steady state**: ``warmup`` untimed calls, then ``repeats`` timed calls, each
   ``jax.block_until_ready``-ed; median and IQR/min/max of the time per meta step; meta
   steps/s and inner task-steps/s (``tasks x trunc_length x 2`` antithetic per meta step),
@@ -33,6 +34,18 @@ On CPU every device count runs in a fresh subprocess (``--worker``), because the
 device count (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) is fixed when jax is
 imported. With real accelerators the points run in-process on subsets of
 ``jax.devices()``. Writes ``results.json``, ``results.csv``, PNG plots and prints a table.
+
+``results.json``: ``meta`` (config, device_kind, platform, jax_version, python, cpu_count,
+cpu_affinity, hostname, load_avg_before/after, wall_s, date), ``peak_matmul`` (n,
+flops_per_s), ``results`` (one record per point: kind = fused | host_baseline |
+multiprocess, families, task_impl, estimator, num_devices, num_processes, tasks_per_device,
+total_tasks_per_estimator, trunc_length, steps_per_call, first_call_s, compile_s,
+step_time_s {median, q25, q75, min, max, n}, meta_steps_per_s, inner_steps_per_meta_step,
+inner_steps_per_s, inner_steps_per_s_per_device, flops_per_step, bytes_per_step (totals over
+devices, loop-corrected), xla_flops_per_step_per_device_raw, inner_step_cost_per_device,
+achieved_flops_per_s, roofline_fraction, memory_per_device {argument, output, alias, temp,
+generated_code, total}, all_reduce_ops, scaling tags, error if it failed) and ``summary``
+(weak, strong, host_ratio, steps_per_call, multiprocess, memory).
 
 Task families are pluggable by name (``TASK_FAMILIES``). ``image_mlp`` is the 8x8-digits
 MLP of the reference tutorial; until ``spmd_lopt.tasks.fixed.image_mlp`` is merged it
