@@ -10,9 +10,9 @@ at 2 and 16 tasks feed the memory fit; host round-trip baseline at 16 tasks; ste
 1 vs 4. Multi-process weak scaling 1 vs 2 processes (one core each, gloo) on workload (1)
 at 8 tasks per process per estimator.
 
-Takes about 12-15 minutes on the shared 2-core CPU machine at load average ~6 (compiles of
-10-30 s per point, ~0.2-0.4 s per meta step of workload (1) at 16+16 tasks); less on an
-idle machine.
+Takes about 4 minutes on the shared 2-core CPU machine at load average ~2, 6 minutes at ~4
+and ~10 at ~7 (compiles of 5-30 s per point, ~0.2-0.3 s per meta step of workload (1) at
+16+16 tasks).
 
 Command::
 
