@@ -1,0 +1,45 @@
+"""Bench: the reference tutorial workload (acceptance workload of issue 8).
+
+Measures two workloads. (1) The acceptance workload: one fused learner with two PES
+estimators, FixedDimQuadraticFamily(10) and the 8x8 image MLP (``image_mlp``: the stand-in
+``StandInImageMLP`` until the real ``ImageMLP_Digits8_Relu32`` is merged), 16 tasks each,
+trunc_length 50, MLPLOpt, LogUniformLengthSchedule(100, 300). (2) The quadratic estimator
+alone (small tasks: dispatch-bound). For each: strong scaling at 16 tasks per estimator over
+1, 2, 4, 8 (virtual) devices; weak scaling at 2 tasks/device/estimator; the 1-device points
+at 2 and 16 tasks feed the memory fit; host round-trip baseline at 16 tasks; steps_per_call
+1 vs 4. Multi-process weak scaling 1 vs 2 processes (one core each, gloo) on workload (1)
+at 8 tasks per process per estimator.
+
+Takes about 4 minutes on the shared 2-core CPU machine at load average ~2, 6 minutes at ~4
+and ~10 at ~7 (compiles of 5-30 s per point, ~0.2-0.3 s per meta step of workload (1) at
+16+16 tasks).
+
+Command::
+
+  PYTHONPATH=$PWD python -m spmd_lopt.bench --config configs/bench/tutorial.py
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.name = "tutorial"
+  c.workloads = "quadratic,image_mlp;quadratic"
+  c.estimators = "pes"
+  c.device_counts = "1,2,4,8"
+  c.tasks_per_device = "2"
+  c.strong_total_tasks = "16"
+  c.trunc_length = 50
+  c.min_length = 100
+  c.max_length = 300
+  c.random_initial_iteration_offset = 300
+  c.warmup = 1
+  c.repeats = 5
+  c.min_time_s = 3.0
+  c.steps_per_call = "1,4"
+  c.host_baseline = True
+  c.mp_processes = 2
+  c.mp_tasks_per_process = 8
+  c.peak_matmul_n = 2048
+  return c
