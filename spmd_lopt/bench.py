@@ -175,7 +175,7 @@ def default_config():
   c.max_length = 60
   c.random_initial_iteration_offset = 60
   c.std = 0.01
-  c.lopt = "mlp_lopt"              # or "mlp_lopt_factored" (bench prototype, same math)
+  c.lopt = "mlp_lopt"              # or "mlp_lopt_unfactored" (the pre-factoring A/B baseline)
   c.outer_lr = 1e-3
   c.stack_antithetic = True       # TruncatedPES.stack_antithetic_samples
   c.xla_flags = ""                # extra XLA_FLAGS for the CPU worker subprocesses
@@ -294,50 +294,38 @@ def make_family(name: str):
 # --- optimisation prototypes (bench-only; proposed for the library) --------------------
 
 
-def factored_mlp_lopt(**kw):
-  """``MLPLOpt`` with the first layer factored (prototype, see docs/PERFORMANCE.md).
-
-  The 11 training-step features are the same for every entry of every tensor, so
-  ``[t_feats, s_feats] @ W0 + b0 == t_feats @ W0[:8] + (s_feats @ W0[8:] + b0)``: the second
-  term is computed once per task-step instead of once per parameter entry, and the
-  ``[n, 19]`` feature matrix is never materialised. Same theta, same numbers up to float
-  rounding; first-layer FLOPs per entry drop from ``2*19*h`` to ``2*8*h``.
-  """
+def unfactored_mlp_lopt(**kw):
+  """``MLPLOpt`` as first written: the MLP applied to the full ``[n, 19]`` feature matrix
+  (the A/B baseline of the factored first layer that ``MLPLOpt`` now uses; see
+  docs/PERFORMANCE.md). Same theta, same numbers up to float rounding."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from spmd_lopt.learned_optimizers import mlp_lopt as ml  # pylint: disable=import-outside-toplevel
 
-  class FactoredMLPLOpt(ml.MLPLOpt):
+  class UnfactoredMLPLOpt(ml.MLPLOpt):
 
     def opt_fn(self, theta, is_training=False):
       base_opt = super().opt_fn(theta, is_training)
-      exp_mult, step_mult = self.exp_mult, self.step_mult
+      exp_mult, step_mult, mlp = self.exp_mult, self.step_mult, self._mlp
       decays = jnp.asarray(ml.MOMENTUM_DECAYS, jnp.float32)
-      layers = theta["params"]
-      names = sorted(layers, key=lambda k: int(k.split("_")[-1]))
-      n_tensor = 2 + len(ml.MOMENTUM_DECAYS)
 
       class _Opt(type(base_opt)):
 
         def update(self, opt_state, grad, loss=None, model_state=None, key=None, **kw):
           del loss, key, kw
-          moms = jax.tree.map(
-              lambda m, g: (decays * m + (1 - decays) * g[..., None]).astype(m.dtype),
-              opt_state.rolling_features, grad)
+          moms = jax.tree.map(lambda m, g: decays * m + (1 - decays) * g[..., None],
+                              opt_state.rolling_features, grad)
           step_features = ml.tanh_embedding(opt_state.iteration)
-          w0, b0 = layers[names[0]]["kernel"], layers[names[0]]["bias"]
-          step_bias = step_features @ w0[n_tensor:] + b0  # once per task-step
 
           def update_tensor(p, g, m):
             n = max(p.size, 1)
             tf = jnp.concatenate([g.reshape(n, 1), p.reshape(n, 1),
                                   m.reshape(n, m.shape[-1])], axis=-1)
             tf = ml.second_moment_normalizer(tf.astype(jnp.float32), [0])
-            h = tf @ w0[:n_tensor] + step_bias
-            for name in names[1:]:
-              h = jax.nn.relu(h) @ layers[name]["kernel"] + layers[name]["bias"]
-            direction, magnitude = h[:, 0], h[:, 1]
-            step = direction * jnp.exp(magnitude * exp_mult) * step_mult
+            feats = jnp.concatenate(
+                [tf, jnp.broadcast_to(step_features, (n, step_features.shape[0]))], -1)
+            out = mlp.apply(theta, feats)
+            step = out[:, 0] * jnp.exp(out[:, 1] * exp_mult) * step_mult
             return p - step.reshape(p.shape).astype(p.dtype)
 
           params = jax.tree.map(update_tensor, opt_state.params, grad, moms)
@@ -347,7 +335,7 @@ def factored_mlp_lopt(**kw):
 
       return _Opt()
 
-  return FactoredMLPLOpt(**kw)
+  return UnfactoredMLPLOpt(**kw)
 
 
 # --- building learners ----------------------------------------------------------------
@@ -360,7 +348,7 @@ def _library_cfg(bcfg, num_tasks: int):
   for k in ("trunc_length", "min_length", "max_length", "random_initial_iteration_offset",
             "std", "outer_lr"):
     c[k] = bcfg[k]
-  c.lopt = "mlp_lopt" if bcfg.lopt == "mlp_lopt_factored" else bcfg.lopt
+  c.lopt = "mlp_lopt" if bcfg.lopt == "mlp_lopt_unfactored" else bcfg.lopt
   return c
 
 
@@ -381,8 +369,8 @@ def build_estimators(bcfg, families: Sequence[str], estimator: str, num_tasks: i
 
 def make_lopt(bcfg, c):
   from spmd_lopt import config as config_lib  # pylint: disable=import-outside-toplevel
-  if bcfg.lopt == "mlp_lopt_factored":
-    return factored_mlp_lopt(exp_mult=c.lopt_exp_mult, step_mult=c.lopt_step_mult,
+  if bcfg.lopt == "mlp_lopt_unfactored":
+    return unfactored_mlp_lopt(exp_mult=c.lopt_exp_mult, step_mult=c.lopt_step_mult,
                              hidden_size=c.lopt_hidden_size,
                              hidden_layers=c.lopt_hidden_layers)
   return config_lib.make_lopt(c)
@@ -532,10 +520,9 @@ def measure_fused(bcfg, spec: dict) -> dict:
   jax.block_until_ready(state)
   first_call_s = time.perf_counter() - t0
 
-  # The jitted step that ``update`` just ran (private handle: see docs/PERFORMANCE.md).
-  # Its executable is in jax's compilation cache by now, so this costs no second compile.
-  jitted = lrn._jit_update[False] if spc == 1 else lrn._jit_update_many[(spc, False)]  # pylint: disable=protected-access
-  compiled = jitted.lower(state, keys[0]).compile()
+  # The step ``update`` just ran; its executable is in jax's compilation cache by now, so
+  # this costs no second compile.
+  compiled = lrn.lower_update(state, keys[0], steps_per_call=spc).compile()
   cost = _cost(compiled)
   mem = _memory(compiled)
   try:

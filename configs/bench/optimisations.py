@@ -4,8 +4,8 @@ Measures the fused step of the reference tutorial workload (quadratic + 8x8 imag
 (stand-in until merged), PES, trunc_length 50, MLPLOpt) on one device with one knob
 changed from the tutorial config; pick the knob with ``--config.KEY=VALUE``:
 
-- ``--config.lopt=mlp_lopt_factored``: MLPLOpt with the first layer factored (the
-  prototype in ``spmd_lopt.bench.factored_mlp_lopt``; same numbers);
+- ``--config.lopt=mlp_lopt_unfactored``: MLPLOpt as first written, without the factored
+  first layer the library now uses (``spmd_lopt.bench.unfactored_mlp_lopt``; same numbers);
 - ``--config.stack_antithetic=false``: PES runs the + and - halves as two scans;
 - ``--config.xla_flags=...``: extra XLA flags for the worker process.
 
@@ -16,7 +16,7 @@ medians; docs/PERFORMANCE.md has the results.
 Command::
 
   PYTHONPATH=$PWD python -m spmd_lopt.bench --config configs/bench/optimisations.py \
-      --config.lopt=mlp_lopt_factored --outdir bench_results/opt_factored
+      --config.lopt=mlp_lopt_unfactored --outdir bench_results/opt_unfactored
 """
 
 import ml_collections

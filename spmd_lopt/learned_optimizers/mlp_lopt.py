@@ -88,7 +88,6 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
 
   def opt_fn(self, theta, is_training=False):
     del is_training
-    mlp = self._mlp
     exp_mult, step_mult = self.exp_mult, self.step_mult
     decays = jnp.asarray(MOMENTUM_DECAYS, jnp.float32)
 
@@ -111,16 +110,23 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
             opt_state.rolling_features, grad)
         step_features = tanh_embedding(opt_state.iteration)
 
+        # The 11 step features are shared by every entry of every tensor, so the first
+        # layer factors: [x, s] @ W0 + b0 = x @ W0[:8] + (s @ W0[8:] + b0). The second term
+        # is computed once per step, and the [n, 19] feature matrix is never built
+        # (-17% FLOPs, -30% step time on the tutorial workload; docs/PERFORMANCE.md).
+        layers = [theta["params"][f"Dense_{i}"] for i in range(len(theta["params"]))]
+        n_tensor = NUM_FEATURES - len(TANH_TIMESCALES)
+        step_bias = step_features @ layers[0]["kernel"][n_tensor:] + layers[0]["bias"]
+
         def update_tensor(p, g, m):
           n = max(p.size, 1)
           tensor_feats = jnp.concatenate(
               [g.reshape(n, 1), p.reshape(n, 1), m.reshape(n, m.shape[-1])], axis=-1)
           tensor_feats = second_moment_normalizer(tensor_feats.astype(jnp.float32), [0])
-          feats = jnp.concatenate(
-              [tensor_feats, jnp.broadcast_to(step_features, (n, step_features.shape[0]))],
-              axis=-1)
-          out = mlp.apply(theta, feats)
-          direction, magnitude = out[:, 0], out[:, 1]
+          h = tensor_feats @ layers[0]["kernel"][:n_tensor] + step_bias
+          for layer in layers[1:]:
+            h = jax.nn.relu(h) @ layer["kernel"] + layer["bias"]
+          direction, magnitude = h[:, 0], h[:, 1]
           step = direction * jnp.exp(magnitude * exp_mult) * step_mult
           return p - step.reshape(p.shape).astype(p.dtype)
 

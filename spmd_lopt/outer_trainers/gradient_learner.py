@@ -259,10 +259,24 @@ class SpmdGradientLearner:
     ``datas`` (optional): host-fed batches, one entry per estimator (see ``shard_datas``);
     by default every task draws its batches on device.
     """
+    return self._update_fn(with_metrics)(state, sharding.replicate(key, self.mesh), datas)
+
+  def _update_fn(self, with_metrics: bool):
     if with_metrics not in self._jit_update:
       self._jit_update[with_metrics] = jax.jit(
           lambda s, k, d: self._step(s, k, with_metrics, d), donate_argnums=(0,))
-    return self._jit_update[with_metrics](state, sharding.replicate(key, self.mesh), datas)
+    return self._jit_update[with_metrics]
+
+  def lower_update(self, state: SingleMachineState, key, steps_per_call: int = 1,
+                   with_metrics: bool = False):
+    """The ``jax.stages.Lowered`` meta step that ``update`` (or ``update_many`` with
+    ``steps_per_call`` steps) runs, for ``.compile().cost_analysis()`` /
+    ``memory_analysis()`` / ``as_text()``. Uses the same jitted function, so after a first
+    ``update`` the compile is a cache hit. Does not consume ``state``."""
+    key = sharding.replicate(key, self.mesh)
+    if steps_per_call == 1:
+      return self._update_fn(with_metrics).lower(state, key, None)
+    return self._update_many_fn(steps_per_call, with_metrics).lower(state, key)
 
   def update_many(self, state: SingleMachineState, key, num_steps: int,
                   with_metrics: bool = False):
@@ -271,6 +285,10 @@ class SpmdGradientLearner:
     Equivalent to calling ``update`` with the keys ``jax.random.split(key, num_steps)`` in
     turn; returns ``(state, losses[num_steps], metrics with a leading [num_steps] axis)``.
     """
+    return self._update_many_fn(num_steps, with_metrics)(
+        state, sharding.replicate(key, self.mesh))
+
+  def _update_many_fn(self, num_steps: int, with_metrics: bool):
     cache_key = (num_steps, with_metrics)
     if cache_key not in self._jit_update_many:
       def many(state, key):
@@ -280,7 +298,7 @@ class SpmdGradientLearner:
         state, (losses, metrics) = jax.lax.scan(body, state, jax.random.split(key, num_steps))
         return state, losses, metrics
       self._jit_update_many[cache_key] = jax.jit(many, donate_argnums=(0,))
-    return self._jit_update_many[cache_key](state, sharding.replicate(key, self.mesh))
+    return self._jit_update_many[cache_key]
 
 
 class SingleMachineGradientLearner(SpmdGradientLearner):
