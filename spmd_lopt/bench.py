@@ -187,6 +187,7 @@ def default_config():
   # Extras ('' or 0 disables).
   c.steps_per_call = "1,4"        # measured on 1 device at the smallest strong total
   c.host_baseline = True          # on 1 device at each strong total
+  c.host_fed = False              # ablation: host-made batches vs on-device drawing (1 device)
   c.mp_processes = 0              # >1: multi-process weak scaling, 1 vs this many
   c.mp_tasks_per_process = 4
   c.mp_port = 0                   # 0: pick a free port
@@ -491,6 +492,36 @@ def _keys(mesh, n, seed):
   return out
 
 
+def host_batch_makers(learner, trunc_length: int, seed: int):
+  """Per estimator: ``None`` (a task without data) or a function making one meta step's
+  host-fed batches with numpy, ``{"image": f32[T, n, B, H, W, C], "label": i32[T, n, B]}``,
+  drawn like ``ImageDataset.sample_batch`` (uniform with replacement from the train split)
+  but on the host: the ablation of on-device batch drawing."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  makers = []
+  for est in learner.gradient_estimators:
+    family = est.truncated_step.task_family
+    ds = family.task_fn(family.sample(jax_key(0))).datasets
+    if ds is None:
+      makers.append(None)
+      continue
+    images = np.asarray(ds.images["train"])
+    labels = np.asarray(ds.labels["train"])
+    scale, n, bsz = np.float32(ds.image_scale), est.num_tasks, ds.batch_size
+
+    def make(images=images, labels=labels, scale=scale, n=n, bsz=bsz):
+      idx = rng.integers(0, labels.shape[0], size=(trunc_length, n, bsz))
+      return {"image": images[idx].astype(np.float32) * scale, "label": labels[idx]}
+    makers.append(make)
+  return makers
+
+
+def jax_key(seed: int):
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.random.key(seed)
+
+
 def measure_fused(bcfg, spec: dict) -> dict:
   """One fused point: ``spec`` has families, estimator, num_devices, tasks_per_device,
   steps_per_call. Runs in the current process on its first ``num_devices`` devices (or all
@@ -511,7 +542,13 @@ def measure_fused(bcfg, spec: dict) -> dict:
   n_keys = 1 + bcfg.warmup + max(bcfg.repeats, bcfg.max_repeats)
   keys = _keys(mesh, n_keys, bcfg.seed)
 
-  if spc == 1:
+  host_fed = spec.get("kind") == "host_fed"
+  if host_fed:
+    makers = host_batch_makers(lrn, bcfg.trunc_length, bcfg.seed)
+    # Host-made batches, shipped and sharded every step: the cost being measured.
+    call = lambda s, k: lrn.update(s, k, datas=lrn.shard_datas(
+        tuple(None if m is None else m() for m in makers)))[0]
+  elif spc == 1:
     call = lambda s, k: lrn.update(s, k)[0]
   else:
     call = lambda s, k: lrn.update_many(s, k, spc)[0]
@@ -522,15 +559,18 @@ def measure_fused(bcfg, spec: dict) -> dict:
 
   # The step ``update`` just ran; its executable is in jax's compilation cache by now, so
   # this costs no second compile.
-  compiled = lrn.lower_update(state, keys[0], steps_per_call=spc).compile()
-  cost = _cost(compiled)
-  mem = _memory(compiled)
+  compiled = None if host_fed else lrn.lower_update(state, keys[0],
+                                                     steps_per_call=spc).compile()
+  if compiled is None:
+    cost, mem, n_allreduce = {"flops": None, "bytes": None}, {}, None
+  else:
+    cost, mem, n_allreduce = _cost(compiled), _memory(compiled), None
   try:
     hlo = compiled.as_text()
     n_allreduce = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
   except Exception:  # pylint: disable=broad-except
-    n_allreduce = None
-  if spc == 1:
+    pass
+  if spc == 1 and not host_fed:
     inner = inner_step_cost(lrn, nd)
     flops = corrected_cost(cost["flops"], inner["flops"], bcfg.trunc_length)
     bytes_ = corrected_cost(cost["bytes"], inner["bytes"], bcfg.trunc_length)
@@ -544,7 +584,8 @@ def measure_fused(bcfg, spec: dict) -> dict:
   per_step = inner_steps_per_meta_step([e.num_tasks for e in lrn.gradient_estimators],
                                        bcfg.trunc_length)
   res = {
-      "kind": "fused", "families": list(spec["families"]), "task_impl": impls,
+      "kind": "host_fed" if host_fed else "fused", "families": list(spec["families"]),
+      "task_impl": impls,
       "estimator": spec["estimator"], "num_devices": nd,
       "num_processes": jax.process_count(), "tasks_per_device": int(spec["tasks_per_device"]),
       "total_tasks_per_estimator": num_tasks, "num_estimators": len(spec["families"]),
@@ -662,6 +703,8 @@ def plan(bcfg) -> dict[int, list[dict]]:
             add("fused", n, tot // n, fams, est, 1, f"strong:{tot}")
         if bcfg.host_baseline:
           add("host_baseline", 1, tot, fams, est, 1, f"host:{tot}")
+        if bcfg.host_fed and any(f != "quadratic" for f in fams):
+          add("host_fed", 1, tot, fams, est, 1, f"host_fed:{tot}")
       if strong:
         for spc in _ints(bcfg.steps_per_call):
           add("fused", 1, min(strong), fams, est, spc, f"spc:{min(strong)}")
@@ -792,7 +835,7 @@ def summarize(results: list[dict], peak_flops: float, platform_: str,
   roofline fractions and memory capacity from the measured records."""
   ok = [r for r in results if not r.get("error")]
   summ: dict[str, Any] = {"weak": {}, "strong": {}, "host_ratio": {}, "steps_per_call": {},
-                          "multiprocess": {}, "memory": {}}
+                          "multiprocess": {}, "memory": {}, "host_fed": {}}
   for r in ok:
     if r["kind"] in ("fused", "multiprocess") and r.get("achieved_flops_per_s"):
       # CPU virtual devices share the host's cores: the peak is the machine's, not x N.
@@ -820,6 +863,18 @@ def summarize(results: list[dict], peak_flops: float, platform_: str,
       t = {r["num_processes"]: r["step_time_s"]["median"] for r in kinds["multiprocess"]}
       if 1 in t:
         summ["multiprocess"][name] = {str(k): v for k, v in weak_scaling(t).items()}
+  for r in ok:
+    if r["kind"] == "host_fed":
+      tot = r["tasks_per_device"]
+      fused = [f for f in ok if f["kind"] == "fused" and f["num_devices"] == 1 and
+               f["steps_per_call"] == 1 and f["families"] == r["families"] and
+               f["estimator"] == r["estimator"] and f["tasks_per_device"] == tot]
+      if fused:
+        summ["host_fed"][f"{'+'.join(r['families'])}/{r['estimator']}/{tot}"] = {
+            "host_fed_step_s": r["step_time_s"]["median"],
+            "on_device_step_s": fused[0]["step_time_s"]["median"],
+            "on_device_speedup": r["step_time_s"]["median"] /
+                                 fused[0]["step_time_s"]["median"]}
   for r in ok:
     if r["kind"] == "host_baseline":
       tot = r["tasks_per_device"]
@@ -954,6 +1009,11 @@ def format_summary(summary: dict) -> str:
     lines.append(f"host round-trip baseline {name}: fused speedup {v['fused_speedup']:.2f}x "
                  f"(host {v['host_step_s'] * 1e3:.1f} ms, fused {v['fused_step_s'] * 1e3:.1f} ms "
                  "per meta step)")
+  for name, v in summary.get("host_fed", {}).items():
+    lines.append(f"batches drawn on device vs host-fed {name}: on-device "
+                 f"{v['on_device_step_s'] * 1e3:.1f} ms, host-fed "
+                 f"{v['host_fed_step_s'] * 1e3:.1f} ms per meta step "
+                 f"({v['on_device_speedup']:.2f}x)")
   for name, v in summary["steps_per_call"].items():
     lines.append(f"steps_per_call {name}: " + ", ".join(
         f"{k}: {x['gain']:.2f}x" for k, x in v.items()))

@@ -175,3 +175,23 @@ def test_two_process_gloo_run(tmp_path):
   assert [(r["num_processes"], r["num_devices"], r["total_tasks_per_estimator"])
           for r in res] == [(1, 1, 1), (2, 2, 2)]
   assert res[1]["cpu_collectives"] == "gloo" and res[1]["step_time_s"]["median"] > 0
+
+
+def test_host_fed_ablation_is_planned_and_makes_batches_like_the_task(devices):
+  """The on-device vs host-fed batch ablation: planned for workloads with data, and its
+  host batches have the shapes and value range of the task's own on-device batches."""
+  cfg = _tiny_cfg(workloads="quadratic,image_mlp", host_fed=True)
+  kinds = sorted(p["kind"] for pts in bench.plan(cfg).values() for p in pts)
+  assert kinds.count("host_fed") == 1
+  mesh = sharding.make_mesh(num_devices=1)
+  lrn, _ = bench.build_learner(cfg, ["quadratic", "image_mlp"], "pes", 2, mesh)
+  quad, image = bench.host_batch_makers(lrn, trunc_length=2, seed=0)
+  assert quad is None
+  batch = image()
+  task = lrn.gradient_estimators[1].truncated_step.task_family.task_fn(0)
+  ref = task.sample_batch(jax.random.key(0))
+  assert batch["image"].shape == (2, 2) + ref["image"].shape
+  assert batch["label"].shape == (2, 2) + ref["label"].shape
+  assert batch["image"].dtype == ref["image"].dtype
+  assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  assert float(np.asarray(ref["image"]).max()) > 0.5

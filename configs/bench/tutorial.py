@@ -6,7 +6,8 @@ estimators, FixedDimQuadraticFamily(10) and the 8x8 image MLP (``image_mlp``: th
 trunc_length 50, MLPLOpt, LogUniformLengthSchedule(100, 300). (2) The quadratic estimator
 alone (small tasks: dispatch-bound). For each: strong scaling at 16 tasks per estimator over
 1, 2, 4, 8 (virtual) devices; weak scaling at 2 tasks/device/estimator; the 1-device points
-at 2 and 16 tasks feed the memory fit; host round-trip baseline at 16 tasks; steps_per_call
+at 2 and 16 tasks feed the memory fit; host round-trip baseline at 16 tasks; for (1) the
+ablation of batches drawn on device vs made on the host and fed in (host_fed); steps_per_call
 1 vs 4. Multi-process weak scaling 1 vs 2 processes (one core each, gloo) on workload (1)
 at 8 tasks per process per estimator.
 
@@ -39,6 +40,7 @@ def get_config():
   c.min_time_s = 3.0
   c.steps_per_call = "1,4"
   c.host_baseline = True
+  c.host_fed = True               # ablation: batches drawn on device vs host-fed
   c.mp_processes = 2
   c.mp_tasks_per_process = 8
   c.peak_matmul_n = 2048
