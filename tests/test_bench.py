@@ -164,6 +164,7 @@ def test_worker_subprocess_for_2_devices(tmp_path):
   assert os.path.exists(tmp_path / "worker_2dev.json")
 
 
+@pytest.mark.slow  # kept out of the default run for time; `-m slow` runs it
 def test_two_process_gloo_run(tmp_path):
   """Multi-process weak scaling: 1 then 2 processes (one CPU device each, gloo) run the
   fused step through the library unchanged and report timings."""

@@ -274,9 +274,11 @@ def _garble_metadata(step_dir):
     f.write('{"step": 20, "fingerp')
 
 
-@pytest.mark.parametrize("damage", [_truncate_data_files, _swap_in_older_state,
-                                    _garble_metadata],
-                         ids=["truncated_files", "wrong_arrays_fingerprint", "torn_meta"])
+@pytest.mark.parametrize("damage", [
+    _truncate_data_files,
+    pytest.param(_swap_in_older_state, marks=pytest.mark.slow),
+    pytest.param(_garble_metadata, marks=pytest.mark.slow)],
+    ids=["truncated_files", "wrong_arrays_fingerprint", "torn_meta"])
 def test_damaged_latest_checkpoint_falls_back_to_previous(straight, tmp_path, capsys,
                                                           damage):
   workdir = tmp_path / "damaged"
@@ -356,6 +358,7 @@ def test_time_based_checkpoints_are_due(tmp_path, monkeypatch):
   off.close()
 
 
+@pytest.mark.slow  # kept out of the default run for time; `-m slow` runs it
 def test_sigint_with_steps_per_call_resumes_exactly(tmp_path, monkeypatch):
   """SIGINT (in-process) after the first call of 5 steps with steps_per_call=5 and
   log_every=10: the checkpoint at step 5 carries the 5 un-logged losses, so the resumed

@@ -31,6 +31,7 @@ def _host_batches(seed):
            "label": rng.integers(0, 10, size=(T, N, 128)).astype(np.int32)},)
 
 
+@pytest.mark.slow  # kept out of the default run for time; `-m slow` runs it
 def test_host_fed_batches_are_used_and_device_count_invariant(devices):
   losses, thetas = {}, {}
   for n in (1, 4):

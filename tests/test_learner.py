@@ -46,6 +46,7 @@ def test_same_numbers_on_1_and_8_devices(devices, estimators_fn):
   assert max_rel_err(th8, th1) < 1e-5
 
 
+@pytest.mark.slow  # kept out of the default run for time; `-m slow` runs it
 def test_1_and_8_devices_stay_together_over_steps(devices):
   """Later steps start from thetas that differ by float rounding, and with one task per
   device XLA compiles the per-task math for another batch size (other rounding); ES

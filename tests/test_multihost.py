@@ -146,6 +146,7 @@ def test_checkpoint_of_two_processes_restores_in_one(two_process_run, one_proces
   assert global_rel_err(lrn.get_meta_params(states[0]), _theta(one_process_run)) < 1e-5
 
 
+@pytest.mark.slow  # kept out of the default run for time; `-m slow` runs it
 def test_resume_two_process_checkpoint_in_one_process(two_process_run, one_process_run,
                                                       tmp_path):
   """... and training continues from it: 5 more steps on 1 process x 4 devices equal 5
@@ -191,6 +192,7 @@ def test_mesh_from_spec(devices):
     sharding.mesh_from_spec("tasks:4")
 
 
+@pytest.mark.slow  # kept out of the default run for time; `-m slow` runs it
 def test_learner_on_a_2d_mesh_shards_tasks_only(devices):
   """On tasks=4 x model=2 the unroll states are split 4 ways (replicated over 'model')
   and one step equals the 1-D 4-device mesh's."""
