@@ -448,8 +448,7 @@ def main(argv):
     frames = traceback.extract_tb(e.__traceback__)
     if not frames or f"{os.sep}spmd_lopt{os.sep}" not in frames[-1].filename:
       raise
-    print(f"spmd_lopt: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _fail(str(e))
 
 
 def _fail(message: str):

@@ -29,7 +29,7 @@ State per task: the ``+``/``-`` inner states and the current trajectory's noise.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax
 import jax
@@ -55,31 +55,10 @@ def _select(pred, a, b):
       lambda x, y: jnp.where(pred.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
 
 
-class TruncatedNRES(estimator_base.GradientEstimator):
+class TruncatedNRES(truncated_pes.AntitheticTruncatedEstimator):
   """Antithetic noise-reuse ES (module docstring). Same construction and options as
   ``TruncatedPES``: ``trunc_length``, ``std``, ``steps_per_jit`` (validated only: the
   truncation is one scan), ``stack_antithetic_samples``, ``sign_delta_loss_scalar``."""
-
-  def __init__(self, truncated_step=None, trunc_length: int = 10, std: float = 0.01,
-               steps_per_jit: Optional[int] = 10, stack_antithetic_samples: bool = True,
-               sign_delta_loss_scalar: Optional[float] = None,
-               clip_nan_loss_to_value: float = 20.0, *, task_family=None,
-               learned_opt=None, trunc_sched=None, num_tasks=None,
-               random_initial_iteration_offset: int = 0):
-    self.truncated_step = truncated_pes.build_truncated_step(
-        truncated_step, task_family, learned_opt, trunc_sched, num_tasks,
-        random_initial_iteration_offset, "TruncatedNRES")
-    if steps_per_jit is not None and steps_per_jit > trunc_length:
-      steps_per_jit = trunc_length
-    self.steps_per_jit = truncated_pes.check_lengths("TruncatedNRES", trunc_length,
-                                                     steps_per_jit)
-    if not std > 0:
-      raise ValueError(f"TruncatedNRES: std must be positive, got {std!r}.")
-    self.trunc_length = int(trunc_length)
-    self.std = float(std)
-    self.stack_antithetic_samples = bool(stack_antithetic_samples)
-    self.sign_delta_loss_scalar = sign_delta_loss_scalar
-    self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
 
   def init_local(self, theta, outer_state, key, task_ids):
     # The inner states use ``key`` exactly as PES does (same tasks for the same key); the

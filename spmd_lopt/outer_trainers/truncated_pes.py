@@ -104,7 +104,35 @@ def pes_weights(delta: jax.Array, mask: jax.Array, is_reset: jax.Array):
   return w_old, w_new
 
 
-class TruncatedPES(estimator_base.GradientEstimator):
+class AntitheticTruncatedEstimator(estimator_base.GradientEstimator):
+  """Construction and options shared by the antithetic truncated ES estimators (PES and
+  NRES): the truncated step (given, or built from parts), ``trunc_length``, ``std``,
+  ``steps_per_jit`` (validated only), ``stack_antithetic_samples``,
+  ``sign_delta_loss_scalar`` and ``clip_nan_loss_to_value``."""
+
+  def __init__(self, truncated_step=None, trunc_length: int = 10, std: float = 0.01,
+               steps_per_jit: Optional[int] = 10, stack_antithetic_samples: bool = True,
+               sign_delta_loss_scalar: Optional[float] = None,
+               clip_nan_loss_to_value: float = 20.0, *, task_family=None,
+               learned_opt=None, trunc_sched=None, num_tasks=None,
+               random_initial_iteration_offset: int = 0):
+    self.truncated_step = build_truncated_step(
+        truncated_step, task_family, learned_opt, trunc_sched, num_tasks,
+        random_initial_iteration_offset, type(self).__name__)
+    if steps_per_jit is not None and steps_per_jit > trunc_length:
+      steps_per_jit = trunc_length
+    self.steps_per_jit = check_lengths(type(self).__name__, trunc_length,
+                                       steps_per_jit)
+    if not std > 0:
+      raise ValueError(f"{type(self).__name__}: std must be positive, got {std!r}.")
+    self.trunc_length = int(trunc_length)
+    self.std = float(std)
+    self.stack_antithetic_samples = bool(stack_antithetic_samples)
+    self.sign_delta_loss_scalar = sign_delta_loss_scalar
+    self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
+
+
+class TruncatedPES(AntitheticTruncatedEstimator):
   """Antithetic truncated PES (see module docstring for the estimator).
 
   Construct it the reference way, ``TruncatedPES(truncated_step=..., trunc_length=50)``,
@@ -116,26 +144,6 @@ class TruncatedPES(estimator_base.GradientEstimator):
   change the program. ``stack_antithetic_samples=True`` runs the positive and negative
   unrolls as one scan over ``2 * tasks`` (one batched program); ``False`` runs two scans.
   """
-
-  def __init__(self, truncated_step=None, trunc_length: int = 10, std: float = 0.01,
-               steps_per_jit: Optional[int] = 10, stack_antithetic_samples: bool = True,
-               sign_delta_loss_scalar: Optional[float] = None,
-               clip_nan_loss_to_value: float = 20.0, *, task_family=None,
-               learned_opt=None, trunc_sched=None, num_tasks=None,
-               random_initial_iteration_offset: int = 0):
-    self.truncated_step = build_truncated_step(
-        truncated_step, task_family, learned_opt, trunc_sched, num_tasks,
-        random_initial_iteration_offset, "TruncatedPES")
-    if steps_per_jit is not None and steps_per_jit > trunc_length:
-      steps_per_jit = trunc_length
-    self.steps_per_jit = check_lengths("TruncatedPES", trunc_length, steps_per_jit)
-    if not std > 0:
-      raise ValueError(f"TruncatedPES: std must be positive, got {std!r}.")
-    self.trunc_length = int(trunc_length)
-    self.std = float(std)
-    self.stack_antithetic_samples = bool(stack_antithetic_samples)
-    self.sign_delta_loss_scalar = sign_delta_loss_scalar
-    self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
 
   def init_local(self, theta, outer_state, key, task_ids):
     state = self.truncated_step.init_step_state(theta, outer_state, key,
