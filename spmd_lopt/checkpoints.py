@@ -30,7 +30,6 @@ written on 8 devices restores on 4 or 1 (and back).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time

@@ -1,7 +1,6 @@
 """Small builders shared by the tests."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from spmd_lopt import sharding

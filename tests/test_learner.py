@@ -2,7 +2,6 @@
 reference's APIs, and clear errors."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

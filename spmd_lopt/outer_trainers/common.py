@@ -177,3 +177,11 @@ def sample_num_active(truncation_schedule, key, outer_state, steps_per_chunk: in
   length = truncation_schedule.init(key, outer_state).length
   chunks = (length + steps_per_chunk - 1) // steps_per_chunk
   return jnp.clip(chunks * steps_per_chunk, steps_per_chunk, max_length).astype(jnp.int32)
+
+
+def select_per_task(pred: jax.Array, a, b):
+  """``a_i if pred_i else b_i`` for every task ``i`` of two task-batched pytrees;
+  ``pred`` has shape ``[n]``."""
+  def sel(x, y):
+    return jnp.where(pred.reshape(pred.shape + (1,) * (x.ndim - 1)), x, y)
+  return jax.tree.map(sel, a, b)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from spmd_lopt.learned_optimizers import base as lopt_base
+from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import truncated_step
 from spmd_lopt.outer_trainers import truncation_schedule
 from spmd_lopt.tasks import base as tasks_base
@@ -59,13 +60,6 @@ class TruncatedUnrollOut:
   task_param: Any
   iteration: jax.Array
   mask: jax.Array
-
-
-def _where(pred, a, b):
-  """``where`` on whole pytrees with a per-task ``pred`` of shape ``[tasks]``."""
-  def sel(x, y):
-    return jnp.where(pred.reshape(pred.shape + (1,) * (x.ndim - 1)), x, y)
-  return jax.tree.map(sel, a, b)
 
 
 class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
@@ -189,7 +183,7 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     def with_resets():
       init = lambda th, k: self._init_one(th, k, outer_state, with_offset=False)
       fresh = jax.vmap(init, in_axes=(th_axis, 0))(theta, k_reset)
-      return _where(reset, fresh, trained)
+      return common.select_per_task(reset, fresh, trained)
 
     # Skip the (costly) re-initialisation on the many steps where no local task resets.
     next_state = jax.lax.cond(jnp.any(reset), with_resets, lambda: trained)

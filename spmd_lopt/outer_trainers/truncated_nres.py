@@ -49,12 +49,6 @@ class NRESWorkerState:
   noise: Any
 
 
-def _select(pred, a, b):
-  """Per-task ``where(pred_i, a_i, b_i)`` on task-batched pytrees; ``pred`` is ``[n]``."""
-  return jax.tree.map(
-      lambda x, y: jnp.where(pred.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
-
-
 class TruncatedNRES(truncated_pes.AntitheticTruncatedEstimator):
   """Antithetic noise-reuse ES (module docstring). Same construction and options as
   ``TruncatedPES``: ``trunc_length``, ``std``, ``steps_per_jit`` (validated only: the
@@ -78,7 +72,7 @@ class TruncatedNRES(truncated_pes.AntitheticTruncatedEstimator):
     stacked = self.stack_antithetic_samples
 
     def thetas(started):
-      e = _select(started, e_new, e_old)
+      e = common.select_per_task(started, e_new, e_old)
       return common.add_per_task(theta, e, +1.0), common.add_per_task(theta, e, -1.0)
 
     def one_step(st, th, ids, k):
@@ -116,24 +110,9 @@ class TruncatedNRES(truncated_pes.AntitheticTruncatedEstimator):
     pos_state, neg_state, p_out, n_out = self._unroll(
         theta, e_old, e_new, state, k_unroll, task_ids, outer_state)
 
-    mask = p_out.mask
-    w_old, w_new = truncated_pes.pes_weights(p_out.loss - n_out.loss, mask, p_out.is_reset)
-    if self.sign_delta_loss_scalar is not None:
-      w_old = jnp.sign(w_old) * self.sign_delta_loss_scalar
-      w_new = jnp.sign(w_new) * self.sign_delta_loss_scalar
-    scale = 1.0 / (2.0 * self.std ** 2)
-    grads = jax.tree.map(jnp.add, common.scale_per_task(w_old * scale, e_old),
-                         common.scale_per_task(w_new * scale, e_new))
-    restarted = jnp.any(p_out.is_reset, axis=0)
-    next_noise = _select(restarted, e_new, e_old)
-
-    losses = common.masked_mean_over_steps(0.5 * (p_out.loss + n_out.loss), mask)
-    grads, losses, nonfinite = estimator_base.sanitize_per_task(
-        grads, losses, self.clip_nan_loss_to_value)
-    info = estimator_base.UnrollInfo(loss=p_out.loss, iteration=p_out.iteration,
-                                     task_param=p_out.task_param, is_done=p_out.is_done)
+    grad, loss, nonfinite, info, restarted = self._combine(p_out, n_out, e_old, e_new)
+    next_noise = common.select_per_task(restarted, e_new, e_old)
     return estimator_base.LocalEstimate(
-        grad=jax.tree.map(lambda g: jnp.mean(g, axis=0), grads),
-        loss=jnp.mean(losses), nonfinite=nonfinite,
+        grad=grad, loss=loss, nonfinite=nonfinite,
         state=NRESWorkerState(pos_state=pos_state, neg_state=neg_state, noise=next_noise),
         unroll_info=info)

@@ -131,6 +131,32 @@ class AntitheticTruncatedEstimator(estimator_base.GradientEstimator):
     self.sign_delta_loss_scalar = sign_delta_loss_scalar
     self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
 
+  def _combine(self, p_out, n_out, old, new):
+    """The estimate from one antithetic unroll, shared by PES and NRES.
+
+    p_out/n_out: per-step outputs ``[T, n]``; old/new: per-task perturbations (leaves
+    ``[n, *theta.shape]``) that the steps before / from the first reset step depend on.
+    ``g_i = (w_old_i * old_i + w_new_i * new_i) / (2 std^2)`` with the weights of
+    ``pes_weights``. Returns ``(grad, loss, nonfinite, unroll_info, restarted)``: grad
+    and loss are means over the slice after ``sanitize_per_task``; restarted ``[n]`` says
+    which tasks reset inside the unroll.
+    """
+    mask = p_out.mask
+    w_old, w_new = pes_weights(p_out.loss - n_out.loss, mask, p_out.is_reset)
+    if self.sign_delta_loss_scalar is not None:
+      w_old = jnp.sign(w_old) * self.sign_delta_loss_scalar
+      w_new = jnp.sign(w_new) * self.sign_delta_loss_scalar
+    scale = 1.0 / (2.0 * self.std ** 2)
+    grads = jax.tree.map(jnp.add, common.scale_per_task(w_old * scale, old),
+                         common.scale_per_task(w_new * scale, new))
+    losses = common.masked_mean_over_steps(0.5 * (p_out.loss + n_out.loss), mask)
+    grads, losses, nonfinite = estimator_base.sanitize_per_task(
+        grads, losses, self.clip_nan_loss_to_value)
+    info = estimator_base.UnrollInfo(loss=p_out.loss, iteration=p_out.iteration,
+                                     task_param=p_out.task_param, is_done=p_out.is_done)
+    return (jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), jnp.mean(losses),
+            nonfinite, info, jnp.any(p_out.is_reset, axis=0))
+
 
 class TruncatedPES(AntitheticTruncatedEstimator):
   """Antithetic truncated PES (see module docstring for the estimator).
@@ -179,28 +205,10 @@ class TruncatedPES(AntitheticTruncatedEstimator):
     pos_state, neg_state, p_out, n_out = self._antithetic_unroll(
         theta, eps, state, k_unroll, task_ids, outer_state, data)
 
-    mask = p_out.mask
-    w_old, w_new = pes_weights(p_out.loss - n_out.loss, mask, p_out.is_reset)
-    if self.sign_delta_loss_scalar is not None:
-      w_old = jnp.sign(w_old) * self.sign_delta_loss_scalar
-      w_new = jnp.sign(w_new) * self.sign_delta_loss_scalar
-
     acc = jax.tree.map(jnp.add, state.accumulator, eps)
-    scale = 1.0 / (2.0 * self.std ** 2)
-    grads = jax.tree.map(jnp.add, common.scale_per_task(w_old * scale, acc),
-                         common.scale_per_task(w_new * scale, eps))
-    restarted = jnp.any(p_out.is_reset, axis=0)
-    next_acc = jax.tree.map(
-        lambda e, a: jnp.where(restarted.reshape((-1,) + (1,) * (a.ndim - 1)), e, a),
-        eps, acc)
-
-    losses = common.masked_mean_over_steps(0.5 * (p_out.loss + n_out.loss), mask)
-    grads, losses, nonfinite = estimator_base.sanitize_per_task(
-        grads, losses, self.clip_nan_loss_to_value)
-    info = estimator_base.UnrollInfo(loss=p_out.loss, iteration=p_out.iteration,
-                                     task_param=p_out.task_param, is_done=p_out.is_done)
+    grad, loss, nonfinite, info, restarted = self._combine(p_out, n_out, acc, eps)
+    next_acc = common.select_per_task(restarted, eps, acc)
     return estimator_base.LocalEstimate(
-        grad=jax.tree.map(lambda g: jnp.mean(g, axis=0), grads),
-        loss=jnp.mean(losses), nonfinite=nonfinite,
+        grad=grad, loss=loss, nonfinite=nonfinite,
         state=PESWorkerState(pos_state=pos_state, neg_state=neg_state, accumulator=next_acc),
         unroll_info=info)
