@@ -1,5 +1,8 @@
 """Small builders shared by the tests."""
 
+import json
+import os
+
 import jax
 import numpy as np
 
@@ -48,3 +51,28 @@ def global_rel_err(a, b):
   va = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(a)])
   vb = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(b)])
   return float(np.linalg.norm(va - vb) / np.linalg.norm(vb))
+
+
+def run_theta(workdir):
+  """The meta-parameters a launcher run wrote (``<workdir>/theta.lopt``)."""
+  from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
+  return lopt_checkpoint.load_parameter_checkpoint(os.path.join(workdir, "theta.lopt")).theta
+
+
+def run_records(workdir):
+  """The records of ``<workdir>/metrics.jsonl``."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+# Prepended to a launcher subprocess: slows each meta step down (0.3 s) so a signal sent
+# by a test lands well before the run ends.
+SLOW_STEPS = """
+import time
+from spmd_lopt.outer_trainers import gradient_learner as _gl
+_orig_update = _gl.SpmdGradientLearner.update
+def _slow_update(self, *a, **k):
+  time.sleep(0.3)
+  return _orig_update(self, *a, **k)
+_gl.SpmdGradientLearner.update = _slow_update
+"""

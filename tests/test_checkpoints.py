@@ -23,7 +23,10 @@ from spmd_lopt import launch
 from spmd_lopt import sharding
 from spmd_lopt.outer_trainers import gradient_learner
 
+from helpers import SLOW_STEPS as _SLOW_STEPS
 from helpers import global_rel_err
+from helpers import run_records as _records
+from helpers import run_theta as _theta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,16 +62,6 @@ def _launch_cmd(workdir, prelude="", extra_args=(), **overrides):
   code = (f"import sys; sys.argv = ['launch'] + {argv!r}\n"
           f"{prelude}\nfrom spmd_lopt.launch import run\nrun()\n")
   return [sys.executable, "-c", code]
-
-
-def _theta(workdir):
-  from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
-  return lopt_checkpoint.load_parameter_checkpoint(os.path.join(workdir, "theta.lopt")).theta
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def _losses(workdir):
@@ -161,18 +154,6 @@ def test_elastic_resume_8_to_4_to_1_devices(straight, tmp_path):
   leaf = state.gradient_estimator_states[0].accumulator["params"]["Dense_0"]["kernel"]
   assert len(leaf.sharding.device_set) == 8
   assert global_rel_err(lrn.get_meta_params(state), _theta(workdir)) == 0.0
-
-
-# Slow each meta step down (0.3 s) so SIGTERM lands well before step 20.
-_SLOW_STEPS = """
-import time
-from spmd_lopt.outer_trainers import gradient_learner as _gl
-_orig_update = _gl.SpmdGradientLearner.update
-def _slow_update(self, *a, **k):
-  time.sleep(0.3)
-  return _orig_update(self, *a, **k)
-_gl.SpmdGradientLearner.update = _slow_update
-"""
 
 
 def test_sigterm_checkpoints_then_resume_continues(straight, tmp_path):

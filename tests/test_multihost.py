@@ -24,7 +24,10 @@ from spmd_lopt import config as config_lib
 from spmd_lopt import launch
 from spmd_lopt import sharding
 
+from helpers import SLOW_STEPS as _SLOW_STEPS
 from helpers import global_rel_err
+from helpers import run_records as _records
+from helpers import run_theta as _theta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,16 +75,6 @@ def _finish(procs, timeout=400):
       if p.poll() is None:
         p.kill()
   return outs
-
-
-def _theta(workdir):
-  from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
-  return lopt_checkpoint.load_parameter_checkpoint(os.path.join(workdir, "theta.lopt")).theta
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def _cfg(**overrides):
@@ -220,17 +213,6 @@ def test_cluster_detection(monkeypatch):
   assert sharding.detected_cluster() == "SLURM"
   with pytest.raises(ValueError, match="needs all of --coordinator_address"):
     sharding.initialize(coordinator_address="127.0.0.1:1234")
-
-
-_SLOW_STEPS = """
-import time
-from spmd_lopt.outer_trainers import gradient_learner as _gl
-_orig_update = _gl.SpmdGradientLearner.update
-def _slow_update(self, *a, **k):
-  time.sleep(0.3)
-  return _orig_update(self, *a, **k)
-_gl.SpmdGradientLearner.update = _slow_update
-"""
 
 
 @pytest.mark.slow
