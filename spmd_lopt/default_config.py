@@ -4,9 +4,9 @@ Trains: MLPLOpt with truncated PES (truncations of 20 steps, trajectories of log
 length 100-300) on two task families at once, 8 tasks each: random 10-d quadratic bowls and
 the 64-32-10 ReLU MLP on the embedded 8x8 handwritten digits (``ImageMLP_Digits8_Relu32``,
 batch 128), 300 outer steps, outer Adam(1e-3).
-Time on a 2-core CPU: about 1 minute (compile about 15 s). Expected: the quadratic
-meta-loss falls from about 20 to about 12-15; the digits MLP's stays near its start or
-falls a little (its training loss per truncation, about 2.2).
+Time on a 2-core CPU: about 20 s (compile about 9 s) on a quiet machine.
+Expected (seed 0): quadratic meta-loss 19.0 -> 15.7, digits MLP 2.11 -> 0.98 (means of
+the first and last 3 logs).
 Command: ``python -m spmd_lopt.launch`` (same as ``--config configs/pes_quadratic_digits.py``).
 """
 
