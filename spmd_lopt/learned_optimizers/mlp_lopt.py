@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from spmd_lopt.learned_optimizers import base as lopt_base
+from spmd_lopt.learned_optimizers import common
 from spmd_lopt.optimizers import base as opt_base
 
 MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
@@ -89,25 +90,22 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
   def opt_fn(self, theta, is_training=False):
     del is_training
     exp_mult, step_mult = self.exp_mult, self.step_mult
-    decays = jnp.asarray(MOMENTUM_DECAYS, jnp.float32)
 
     class _Opt(opt_base.Optimizer):
       name = "MLPLOpt"
 
       def init(self, params, model_state=None, num_steps=None, key=None):
         del num_steps, key
-        # Momenta stay float32 whatever the params' dtype: a 0.9999 running average cannot
-        # move in bfloat16.
-        moms = jax.tree.map(
-            lambda p: jnp.zeros(p.shape + (len(MOMENTUM_DECAYS),), jnp.float32), params)
+        # common's momenta are float32 whatever the params' dtype: a 0.9999 running
+        # average cannot move in bfloat16.
+        moms = common.momentum_init(params, len(MOMENTUM_DECAYS)).m
         return MLPLOptState(params=params, rolling_features=moms,
                             iteration=jnp.asarray(0, jnp.int32), state=model_state)
 
       def update(self, opt_state, grad, loss=None, model_state=None, key=None, **kw):
         del loss, key, kw
-        moms = jax.tree.map(
-            lambda m, g: decays * m + (1 - decays) * g[..., None].astype(m.dtype),
-            opt_state.rolling_features, grad)
+        moms = common.momentum_update(common.MomentumState(m=opt_state.rolling_features),
+                                      grad, MOMENTUM_DECAYS).m
         step_features = tanh_embedding(opt_state.iteration)
 
         # The 11 step features are shared by every entry of every tensor, so the first
