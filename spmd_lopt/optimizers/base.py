@@ -7,8 +7,10 @@ lets a learned optimizer (which needs the loss, the iteration and a key) and a
 hand-designed one be swapped everywhere, as the inner optimizer of a task or as the outer
 optimizer of theta.
 
-Every hand-designed optimizer here is an ``optax.GradientTransformation`` wrapped by
-``OptaxOptimizer``; none is written by hand.
+Every hand-designed optimizer is an ``optax.GradientTransformation`` wrapped by
+``OptaxOptimizer``; none is written by hand. They live in ``optimizers.optax_opts`` under
+the reference library's names and arguments; ``SGD``, ``SGDM``, ``Adam``, ``AdamW`` and
+``RMSProp`` are also reachable from this module, as in the reference.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class OptaxOptimizer(Optimizer):
 
   def __init__(self, tx: optax.GradientTransformation, name: Optional[str] = None):
     self.tx = tx
+    self.opt = tx  # the reference's attribute name
     self.name = name or type(self).__name__
 
   def init(self, params, model_state=None, num_steps=None, key=None):
@@ -92,61 +95,11 @@ class OptaxOptimizer(Optimizer):
                       iteration=opt_state.iteration + 1)
 
 
-class SGD(OptaxOptimizer):
-  """``p <- p - lr * g``."""
-
-  def __init__(self, learning_rate: ScalarOrSchedule = 0.01):
-    self.learning_rate = learning_rate
-    super().__init__(optax.sgd(learning_rate), name=f"SGD_lr{learning_rate}")
-
-
-class SGDM(OptaxOptimizer):
-  """Heavy-ball momentum: ``m <- mu*m + g``; ``p <- p - lr*m``."""
-
-  def __init__(self, learning_rate: ScalarOrSchedule = 0.01, momentum: float = 0.9):
-    self.learning_rate = learning_rate
-    super().__init__(optax.sgd(learning_rate, momentum=momentum),
-                     name=f"SGDM_lr{learning_rate}_m{momentum}")
-
-
-class Adam(OptaxOptimizer):
-  """Adam (Kingma & Ba): bias-corrected ``m/(sqrt(v + eps_root) + eps)`` steps.
-
-  ``epsilon_root`` defaults to 1e-8 as in the reference library (it keeps the square root
-  differentiable at zero, which matters when Adam is itself meta-trained).
-  """
-
-  def __init__(self, learning_rate: ScalarOrSchedule = 1e-4, beta1: float = 0.9,
-               beta2: float = 0.999, epsilon: float = 1e-8, epsilon_root: float = 1e-8):
-    self.learning_rate = learning_rate
-    super().__init__(optax.adam(learning_rate, b1=beta1, b2=beta2, eps=epsilon,
-                                eps_root=epsilon_root), name=f"Adam_lr{learning_rate}")
-
-
-class AdamW(OptaxOptimizer):
-  """Adam with decoupled weight decay: ``p <- p - lr*(adam_step + wd*p)``."""
-
-  def __init__(self, learning_rate: ScalarOrSchedule = 1e-4, beta1: float = 0.9,
-               beta2: float = 0.999, epsilon: float = 1e-8, weight_decay: float = 1e-4):
-    self.learning_rate = learning_rate
-    super().__init__(optax.adamw(learning_rate, b1=beta1, b2=beta2, eps=epsilon,
-                                 weight_decay=weight_decay), name=f"AdamW_lr{learning_rate}")
-
-
-class RMSProp(OptaxOptimizer):
-  """``v <- decay*v + (1-decay)*g^2``; ``p <- p - lr*g/(sqrt(v)+eps)``."""
-
-  def __init__(self, learning_rate: ScalarOrSchedule = 1e-3, decay: float = 0.9,
-               epsilon: float = 1e-8, momentum: Optional[float] = None):
-    self.learning_rate = learning_rate
-    super().__init__(optax.rmsprop(learning_rate, decay=decay, eps=epsilon,
-                                   momentum=momentum), name=f"RMSProp_lr{learning_rate}")
-
-
 class GradientClipOptimizer(Optimizer):
   """Clip every gradient entry to ``[-grad_clip, grad_clip]``, then apply ``opt``."""
 
   def __init__(self, opt: Optimizer, grad_clip: float = 3.0):
+    _check_instance(opt, "GradientClipOptimizer")
     self.opt = opt
     self.grad_clip = grad_clip
     self.name = f"GradientClip{grad_clip}_{opt.name}"
@@ -154,9 +107,9 @@ class GradientClipOptimizer(Optimizer):
   def init(self, *args, **kwargs):
     return self.opt.init(*args, **kwargs)
 
-  def update(self, opt_state, grad, **kwargs):
+  def update(self, opt_state, grad, *args, **kwargs):
     grad = jax.tree.map(lambda g: jnp.clip(g, -self.grad_clip, self.grad_clip), grad)
-    return self.opt.update(opt_state, grad, **kwargs)
+    return self.opt.update(opt_state, grad, *args, **kwargs)
 
   def get_params(self, opt_state):
     return self.opt.get_params(opt_state)
@@ -166,3 +119,78 @@ class GradientClipOptimizer(Optimizer):
 
   def set_params(self, opt_state, params):
     return self.opt.set_params(opt_state, params)
+
+
+def _check_instance(opt, who: str):
+  if not isinstance(opt, Optimizer):
+    raise ValueError(f"{who} needs an Optimizer instance, got {opt!r} (a class instead of an "
+                     "instance?).")
+
+
+@flax.struct.dataclass
+class GraftedOptimizerState:
+  """State of ``GraftedOptimizer``: the params, the model state, and both inner states
+  (each of which also tracks its own copy of the params)."""
+  iteration: jax.Array
+  params: Params
+  state: ModelState
+  mag_opt_state: Any
+  dir_opt_state: Any
+
+
+class GraftedOptimizer(Optimizer):
+  """Learning-rate grafting (Agarwal et al., 2020): the step size of one optimizer, the
+  direction of another, per parameter tensor.
+
+  Both optimizers step from the current params ``p``; with their steps
+  ``m = mag_opt(p) - p`` and ``d = dir_opt(p) - p`` each tensor moves by
+  ``p <- p + d * ||m|| / ||d||`` (no step where ``d = 0``) (Frobenius norms per leaf). Both inner states
+  are then re-anchored at the new params so their statistics stay in step.
+  """
+
+  def __init__(self, magnitude_opt: Optimizer, direction_opt: Optimizer):
+    _check_instance(magnitude_opt, "GraftedOptimizer")
+    _check_instance(direction_opt, "GraftedOptimizer")
+    self.magnitude_opt = magnitude_opt
+    self.direction_opt = direction_opt
+    self.name = f"Grafted_{magnitude_opt.name}_{direction_opt.name}"
+
+  def init(self, params, model_state=None, num_steps=None, key=None, **kwargs):
+    kw = dict(model_state=model_state, num_steps=num_steps, key=key, **kwargs)
+    return GraftedOptimizerState(
+        iteration=jnp.asarray(0, jnp.int32), params=params, state=model_state,
+        mag_opt_state=self.magnitude_opt.init(params, **kw),
+        dir_opt_state=self.direction_opt.init(params, **kw))
+
+  def update(self, opt_state, grad, loss=None, model_state=None, key=None, **kwargs):
+    p = opt_state.params
+    kw = dict(loss=loss, model_state=model_state, key=key, **kwargs)
+    mag_state = self.magnitude_opt.update(opt_state.mag_opt_state, grad, **kw)
+    dir_state = self.direction_opt.update(opt_state.dir_opt_state, grad, **kw)
+
+    def graft(p, pm, pd):
+      # float32 norms: a float16 step can round to exactly 0, and 1e-16 underflows there.
+      m, d = (pm - p).astype(jnp.float32), (pd - p).astype(jnp.float32)
+      d_norm = jnp.linalg.norm(d)
+      scale = jnp.where(d_norm > 0, jnp.linalg.norm(m) / jnp.maximum(d_norm, 1e-30), 0.0)
+      return (p + d * scale).astype(p.dtype)
+
+    new_p = jax.tree.map(graft, p, self.magnitude_opt.get_params(mag_state),
+                         self.direction_opt.get_params(dir_state))
+    state = opt_state.state if model_state is None else model_state
+    return GraftedOptimizerState(
+        iteration=opt_state.iteration + 1, params=new_p, state=state,
+        mag_opt_state=self.magnitude_opt.set_params(mag_state, new_p),
+        dir_opt_state=self.direction_opt.set_params(dir_state, new_p))
+
+
+# The reference also exposes its basic optax-backed optimizers from this module.
+_FROM_OPTAX_OPTS = ("SGD", "SGDM", "Adam", "AdamW", "RMSProp", "PiecewiseLinearAdam")
+
+
+def __getattr__(name):
+  # Lazy, so that ``optax_opts`` (which subclasses ``OptaxOptimizer``) can import this module.
+  if name in _FROM_OPTAX_OPTS:
+    from spmd_lopt.optimizers import optax_opts
+    return getattr(optax_opts, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
