@@ -311,3 +311,7 @@ def find_checkpoint_dir(path: str) -> str:
   if os.path.isdir(path):
     return path
   raise FileNotFoundError(f"--restore_from {path!r}: no such directory.")
+
+
+# The reference's single-file state format (flax msgpack), kept in the compat room.
+from spmd_lopt.compat.state_files import load_state, save_state  # noqa: E402,F401

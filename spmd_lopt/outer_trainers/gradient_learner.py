@@ -14,23 +14,27 @@ The old state is donated. Metrics come back as one pytree of device scalars; not
 copied to the host inside the step.
 
 ``SingleMachineGradientLearner`` is the same learner on a one-device mesh, with the
-reference's signature. ``GradientLearner`` + ``gradient_worker_compute`` keep the
-reference's host-driven API (per-estimator jitted calls, numpy aggregation on the host),
-for users who drive workers by hand and as the benchmark's baseline.
+reference's signature. The reference's host-driven API (``GradientLearner``,
+``gradient_worker_compute``, ``AggregatedGradient``, ``ParameterCheckpoint``, ...) lives
+in ``spmd_lopt.compat`` and is re-exported here, the reference's import path.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
 from spmd_lopt import sharding
+# The reference's host API lives in spmd_lopt.compat; re-exported here, its import path.
+from spmd_lopt.compat import host_api as _host_api
+from spmd_lopt.compat.host_api import (  # noqa: F401
+    AggregatedGradient, GradientLearner, GradientLearnerState, OptCheckpoint,
+    ParameterCheckpoint, WorkerComputeOut, gradient_worker_compute)
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.optimizers import base as opt_base
 from spmd_lopt.outer_trainers import estimator_base
@@ -42,11 +46,6 @@ MetaParams = Any
 
 
 @flax.struct.dataclass
-class GradientLearnerState:
-  theta_opt_state: Any
-
-
-@flax.struct.dataclass
 class SingleMachineState:
   """The learner's whole state: replicated ``gradient_learner_state`` and one task-sharded
   state per estimator (``gradient_estimator_states``, a tuple)."""
@@ -55,21 +54,6 @@ class SingleMachineState:
 
 
 SpmdLearnerState = SingleMachineState
-
-
-@flax.struct.dataclass
-class AggregatedGradient:
-  theta_grads: MetaParams
-  theta_model_state: Any
-  mean_loss: Any
-
-
-@flax.struct.dataclass
-class WorkerComputeOut:
-  to_put: AggregatedGradient
-  unroll_states: Sequence[Any]
-  metrics: Mapping[str, Any]
-  event_info: Sequence[Any]
 
 
 def _metric_names(estimators) -> list[str]:
@@ -302,98 +286,25 @@ class SpmdGradientLearner:
 
 
 class SingleMachineGradientLearner(SpmdGradientLearner):
-  """The reference's single-machine learner: the fused step on a one-device mesh."""
+  """The reference's single-machine learner: the fused step on a one-device mesh.
+
+  If an estimator implements only the reference's host interface
+  (``init_worker_state`` / ``compute_gradient_estimate``, no ``estimate_local``), the
+  constructor returns a ``compat.HostSingleMachineGradientLearner`` instead (same
+  ``init`` / ``update`` / ``get_lopt_params``), after a one-time warning.
+  """
+
+  def __new__(cls, meta_init, gradient_estimators, theta_opt, num_steps=None):
+    if all(_host_api.has_fused_contract(e) for e in gradient_estimators):
+      return super().__new__(cls)
+    _host_api.warn_host_fallback(gradient_estimators)
+    return _host_api.HostSingleMachineGradientLearner(meta_init, gradient_estimators,
+                                                      theta_opt, num_steps=num_steps)
 
   def __init__(self, meta_init, gradient_estimators, theta_opt, num_steps=None):
     super().__init__(meta_init, gradient_estimators, theta_opt,
                      mesh=sharding.make_mesh(num_devices=1), num_steps=num_steps)
 
-
-class GradientLearner:
-  """The reference's host-side learner: holds theta's optimizer state; ``update`` averages
-  worker gradients on the host (numpy) and applies one jitted ``theta_opt.update``."""
-
-  def __init__(self, meta_init: lopt_base.LearnedOptimizer, theta_opt: opt_base.Optimizer,
-               init_theta_from_path: Optional[str] = None,
-               reset_outer_iteration: bool = False, num_steps: Optional[int] = None,
-               init_seed: Optional[int] = None):
-    self.meta_init = meta_init
-    self.theta_opt = theta_opt
-    self.init_theta_from_path = init_theta_from_path
-    self.reset_outer_iteration = reset_outer_iteration
-    self.num_steps = num_steps
-    self.init_seed = init_seed
-    self._jit_update = jax.jit(
-        lambda s, g, l: self.theta_opt.update(s, g, loss=l))
-
-  def init(self, key) -> GradientLearnerState:
-    if self.init_seed is not None:
-      key = jax.random.key(self.init_seed)
-    theta = self.meta_init.init(key)
-    if self.init_theta_from_path:
-      from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
-      theta = lopt_checkpoint.load_parameter_checkpoint(
-          self.init_theta_from_path, expect=self.meta_init).theta
-    return GradientLearnerState(self.theta_opt.init(theta, num_steps=self.num_steps))
-
-  def get_meta_params(self, state: GradientLearnerState) -> MetaParams:
-    return self.theta_opt.get_params(state.theta_opt_state)
-
-  def get_state_for_worker(self, state: GradientLearnerState) -> WorkerWeights:
-    return WorkerWeights(theta=self.get_meta_params(state), theta_model_state=None,
-                         outer_state=OuterState(
-                             outer_iteration=state.theta_opt_state.iteration))
-
-  def update(self, state: GradientLearnerState, grads_list: Sequence[AggregatedGradient],
-             with_metrics: bool = False, key=None):
-    """Average ``grads_list`` on the host and step theta: ``-> (state, metrics)``."""
-    del key
-    if not grads_list:
-      raise ValueError("GradientLearner.update needs at least one AggregatedGradient.")
-    grads = jax.tree.map(lambda *g: np.mean(np.stack([np.asarray(x) for x in g]), axis=0),
-                         *[g.theta_grads for g in grads_list])
-    losses = np.asarray([float(g.mean_loss) for g in grads_list])
-    mean_loss = np.float32(np.mean(losses))
-    new_opt_state = self._jit_update(state.theta_opt_state, grads, mean_loss)
-    metrics = {}
-    if with_metrics:
-      metrics = {"none||mean_loss": float(mean_loss),
-                 "none||best_of_mean_loss": float(np.min(losses)),
-                 "none||theta_grad_norm": float(optax.tree.norm(grads))}
-    return GradientLearnerState(new_opt_state), metrics
-
-
-def gradient_worker_compute(worker_weights: WorkerWeights,
-                            gradient_estimators: Sequence[estimator_base.GradientEstimator],
-                            unroll_states: Sequence[Any], key, with_metrics: bool = False,
-                            clip_nan_loss_to_value: float = 20.0, extra_metrics: bool = True,
-                            device=None) -> WorkerComputeOut:
-  """The reference's worker: run each estimator (one jitted call each, a host loop),
-  average their gradients and losses on the host as numpy.
-
-  Estimator ``i`` gets ``fold_in(key, i)``, as in the fused step, so both paths give the
-  same numbers.
-  """
-  del extra_metrics, device
-  if len(unroll_states) != len(gradient_estimators):
-    raise ValueError(f"{len(gradient_estimators)} estimators but {len(unroll_states)} "
-                     "unroll states.")
-  grads_sum, losses, new_states, metrics = None, [], [], {}
-  for i, (est, state) in enumerate(zip(gradient_estimators, unroll_states)):
-    out, est_metrics = est.compute_gradient_estimate(
-        worker_weights, jax.random.fold_in(key, i), state, with_summary=with_metrics)
-    grad = jax.tree.map(lambda g: np.nan_to_num(np.asarray(g), nan=0.0, posinf=0.0,
-                                                neginf=0.0), out.grad)
-    grads_sum = grad if grads_sum is None else jax.tree.map(np.add, grads_sum, grad)
-    loss = float(out.mean_loss)
-    losses.append(clip_nan_loss_to_value if not np.isfinite(loss) else loss)
-    new_states.append(out.unroll_state)
-    if with_metrics:
-      metrics[f"mean||{est.task_name()}/mean_loss"] = losses[-1]
-      metrics[f"mean||{est.task_name()}/nonfinite"] = int(est_metrics["nonfinite"])
-  theta_grads = jax.tree.map(lambda g: g / len(gradient_estimators), grads_sum)
-  mean_loss = float(np.mean(losses))
-  to_put = AggregatedGradient(theta_grads=theta_grads, theta_model_state=None,
-                              mean_loss=mean_loss)
-  return WorkerComputeOut(to_put=to_put, unroll_states=new_states, metrics=metrics,
-                          event_info=[])
+  def get_lopt_params(self, state: SingleMachineState) -> MetaParams:
+    """The reference's name for ``get_meta_params``."""
+    return self.get_meta_params(state)
