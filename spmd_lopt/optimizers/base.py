@@ -139,13 +139,14 @@ class GraftedOptimizerState:
 
 
 class GraftedOptimizer(Optimizer):
-  """Learning-rate grafting (Agarwal et al., 2020): the step size of one optimizer, the
-  direction of another, per parameter tensor.
+  """Learning-rate grafting (Agarwal et al., 2020): the step length of one optimizer, the
+  step direction of another.
 
   Both optimizers step from the current params ``p``; with their steps
-  ``m = mag_opt(p) - p`` and ``d = dir_opt(p) - p`` each tensor moves by
-  ``p <- p + d * ||m|| / ||d||`` (no step where ``d = 0``) (Frobenius norms per leaf). Both inner states
-  are then re-anchored at the new params so their statistics stay in step.
+  ``m = mag_opt(p) - p`` and ``d = dir_opt(p) - p`` (whole trees),
+  ``p <- p + d * ||m|| / ||d||`` with global norms over all leaves, as the reference does
+  (no step where ``d = 0``, where the reference would divide by zero). Both inner states are
+  then re-anchored at the new params so their statistics stay in step.
   """
 
   def __init__(self, magnitude_opt: Optimizer, direction_opt: Optimizer):
@@ -167,16 +168,13 @@ class GraftedOptimizer(Optimizer):
     kw = dict(loss=loss, model_state=model_state, key=key, **kwargs)
     mag_state = self.magnitude_opt.update(opt_state.mag_opt_state, grad, **kw)
     dir_state = self.direction_opt.update(opt_state.dir_opt_state, grad, **kw)
-
-    def graft(p, pm, pd):
-      # float32 norms: a float16 step can round to exactly 0, and 1e-16 underflows there.
-      m, d = (pm - p).astype(jnp.float32), (pd - p).astype(jnp.float32)
-      d_norm = jnp.linalg.norm(d)
-      scale = jnp.where(d_norm > 0, jnp.linalg.norm(m) / jnp.maximum(d_norm, 1e-30), 0.0)
-      return (p + d * scale).astype(p.dtype)
-
-    new_p = jax.tree.map(graft, p, self.magnitude_opt.get_params(mag_state),
-                         self.direction_opt.get_params(dir_state))
+    # float32 steps and norms: a float16 step can round to exactly 0.
+    f32 = lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32)
+    m = jax.tree.map(f32, self.magnitude_opt.get_params(mag_state), p)
+    d = jax.tree.map(f32, self.direction_opt.get_params(dir_state), p)
+    d_norm = optax.tree.norm(d)
+    scale = jnp.where(d_norm > 0, optax.tree.norm(m) / jnp.maximum(d_norm, 1e-30), 0.0)
+    new_p = jax.tree.map(lambda x, dx: (x + dx * scale).astype(x.dtype), p, d)
     state = opt_state.state if model_state is None else model_state
     return GraftedOptimizerState(
         iteration=opt_state.iteration + 1, params=new_p, state=state,
