@@ -168,6 +168,18 @@ class MultiWriter(SummaryWriterBase):
       w.close()
 
 
+def summary(name: str, value: Any, aggregation: str = "mean") -> Any:
+  """The reference's in-graph summary call: returns ``value`` unchanged and records nothing.
+
+  (The reference records these only when oryx is installed, through its sow/harvest; this
+  package returns metrics explicitly instead, so learned optimizers ported with such calls
+  run unchanged.) ``aggregation`` must be one of the reference's.
+  """
+  if aggregation not in ("mean", "sample", "collect", "none"):
+    raise ValueError(f"summary {name!r}: unknown aggregation {aggregation!r}.")
+  return value
+
+
 def aggregate_metric_list(metrics_list: Sequence[Mapping[str, Any]]) -> dict:
   """Merge metric dicts by each name's aggregation prefix.
 

@@ -62,6 +62,10 @@ def test_aggregate_metric_list():
   np.testing.assert_array_equal(out["collect||c"], [1, 2, 3])
   with pytest.raises(ValueError, match="aggregation prefix"):
     summary.aggregate_metric_list([{"loss": 1.0}])
+  # The reference's in-graph summary call is accepted (and records nothing) under jit.
+  assert float(jax.jit(lambda x: summary.summary("x", x * 2, aggregation="sample"))(1.0)) == 2
+  with pytest.raises(ValueError, match="unknown aggregation"):
+    summary.summary("x", 1.0, aggregation="max")
 
 
 # --- tree_utils ---------------------------------------------------------------------------
