@@ -189,7 +189,7 @@ def check_augmentation(where: str, sec: Mapping[str, Any]):
   checked (the latter becomes a tuple)."""
   sec = dict(sec)
   name = sec.pop("name", "none")
-  if name not in AUGMENTATIONS:
+  if not isinstance(name, str) or name not in AUGMENTATIONS:
     raise ValueError(f"{where}.name must be one of {', '.join(AUGMENTATIONS)}, got "
                      f"{name!r}.{checks.did_you_mean(name, AUGMENTATIONS)}")
   if name == "none":
@@ -209,7 +209,7 @@ def check_augmentation(where: str, sec: Mapping[str, Any]):
 def make_truncation(where: str, sec: Mapping[str, Any]):
   sec = dict(sec)
   name = sec.pop("name", None)
-  if name not in TRUNCATIONS:
+  if not isinstance(name, str) or name not in TRUNCATIONS:
     raise ValueError(f"{where}.name must be one of {', '.join(TRUNCATIONS)}, got "
                      f"{name!r}.{checks.did_you_mean(name, TRUNCATIONS)}")
   cls = TRUNCATIONS[name]
@@ -230,7 +230,7 @@ def check_estimator_entry(where: str, est: Mapping[str, Any]) -> None:
   """Keys and values of one ``estimators`` entry (defaults already filled)."""
   checks.check_known_keys(where, est, schema.estimator_defaults(), "an estimator")
   name = est["name"]
-  if name not in ESTIMATORS:
+  if not isinstance(name, str) or name not in ESTIMATORS:
     raise ValueError(f"{where}.name: unknown estimator {name!r}."
                      f"{checks.did_you_mean(name, ESTIMATORS)} Known: {', '.join(ESTIMATORS)}.")
   checks.as_int(f"{where}.num_tasks", est["num_tasks"], low=1)

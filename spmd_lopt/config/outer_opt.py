@@ -72,7 +72,7 @@ def schedule(sec: Mapping[str, Any], lr: float, outer_steps: int):
   where = "config.outer_opt.schedule"
   sched = dict(sec)
   name = sched.pop("name", "constant")
-  if name not in SCHEDULES:
+  if not isinstance(name, str) or name not in SCHEDULES:
     raise ValueError(f"{where}.name must be one of {', '.join(SCHEDULES)}, got {name!r}."
                      f"{checks.did_you_mean(name, SCHEDULES)}")
   fn, lr_arg, steps_arg = SCHEDULES[name]
@@ -99,7 +99,7 @@ def check_section(sec: Mapping[str, Any]) -> None:
   known = set(_defaults())
   checks.check_known_keys("config.outer_opt", sec, known, "outer_opt")
   name = sec["name"]
-  if name not in OPTIMIZERS:
+  if not isinstance(name, str) or name not in OPTIMIZERS:
     raise ValueError(f"config.outer_opt.name must be one of {', '.join(OPTIMIZERS)}, got "
                      f"{name!r}.{checks.did_you_mean(name, OPTIMIZERS)}")
   w = "config.outer_opt"
