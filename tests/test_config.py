@@ -340,3 +340,30 @@ def test_augmentation_section_is_checked_before_use():
     learner = config_lib.make_learner(copy.deepcopy(cfg))
     fam = learner.gradient_estimators[0].truncated_step.task_family
     assert type(fam).__name__ == "ReparamWeightsFamily"
+
+
+# --- the full form through the launcher -----------------------------------------------
+
+def test_a_full_form_config_trains_through_the_launcher(tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  from spmd_lopt import launch  # pylint: disable=import-outside-toplevel
+  cfg = loading.finish(small(num_devices=8, outer_opt=dict(
+      name="adamw", weight_decay=1e-4, schedule=dict(name="warmup_cosine", warmup_steps=2)),
+                             frozen="log_epsilon"))
+  summary = launch.train(cfg, str(tmp_path), show_progress=False)
+  assert summary["outer_steps"] == 4
+  # strict JSON, list entries included
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["estimators"][0]["task_kwargs"] == {"dim": 2}
+  assert saved["frozen"] == "log_epsilon"
+
+
+def test_periodic_evaluation_reads_the_tasks_of_a_full_form_config():
+  import types  # pylint: disable=import-outside-toplevel
+  from spmd_lopt import evaluate  # pylint: disable=import-outside-toplevel
+  cfg = small(eval_every=4, eval_steps=3, eval_seeds=1)
+  cfg["estimators"].append(dict(task="noisy_quadratic", task_kwargs=dict(dim=3)))
+  learner = types.SimpleNamespace(meta_init=config_lib.make_lopt(cfg),
+                                  get_meta_params=lambda state: state)
+  ev = evaluate.PeriodicEvaluator.from_config(loading.finish(cfg), learner)
+  assert list(ev.tasks) == ["quadratic", "noisy_quadratic"]

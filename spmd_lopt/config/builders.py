@@ -126,8 +126,8 @@ def _task_constructor(name: str):
   if name in fams:
     return fams[name]
   if name == "ParametricImageMLP_Digits8":
-    from spmd_lopt.tasks.parametric import ParametricImageMLP  # pylint: disable=import-outside-toplevel
-    return ParametricImageMLP
+    from spmd_lopt.tasks import parametric  # pylint: disable=import-outside-toplevel
+    return parametric.ParametricImageMLP
   return task_registry._TASKS.get(name)  # pylint: disable=protected-access
 
 
