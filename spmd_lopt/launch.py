@@ -6,7 +6,8 @@ run ``outer_steps`` fused meta steps, and log. Per logged step one JSON object g
 the steps since the last log, and the learner's metrics). At the end: the learned
 optimizer's weights, a plot of the meta-loss, ``summary.json`` and a printed summary.
 
-Flags: ``--config`` (a config file; ``--config.KEY=VALUE`` overrides any key),
+Flags: ``--config`` (a config file; ``--config.KEY=VALUE`` overrides any key, e.g.
+``--config.estimators.0.num_tasks=16``; ``--print_config`` prints the resolved config),
 ``--workdir`` (default ``runs/<config.name>``), ``--restore_from``, ``--mesh`` and the
 multi-process ``--coordinator_address/--num_processes/--process_id/--init_timeout_s``.
 Only process 0 writes files (checkpoints: every process writes its own shards).

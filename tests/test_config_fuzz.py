@@ -76,7 +76,7 @@ def _check_case(cfg, path):
   if "mesh" not in _MESH:
     _MESH["mesh"] = sharding.make_mesh(num_devices=8)
   try:
-    config_lib.abstract_learner_state(cfg, mesh=_MESH["mesh"])
+    learner, _ = config_lib.abstract_learner_state(cfg, mesh=_MESH["mesh"])
   except ValueError as e:
     msg = str(e)
     assert "\n" not in msg, (path, msg)
@@ -87,6 +87,10 @@ def _check_case(cfg, path):
     CASES["refused"] += 1
     return
   CASES["built"] += 1
+  if cfg["lopt"]["name"] in ("learnable_adam", "learnable_sgd"):  # cheap to init for real
+    theta = learner.meta_init.init(jax.random.key(0))
+    assert all(bool(jax.numpy.all(jax.numpy.isfinite(t))) for t in jax.tree.leaves(theta)), (
+        path, cfg["lopt"])
 
 
 def _fuzz(data):

@@ -63,15 +63,36 @@ def _lopt_kwargs(sec: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in sec.items() if k not in ("name", "init_from")}
 
 
+def check_lopt_kwargs(factory, kwargs: Mapping[str, Any], name: str) -> None:
+  """Keys and types from the constructor's signature; ranges from the zoo's naming
+  conventions (initial rates and epsilons positive, decays and betas in [0, 1), at most
+  64 layers), so a theta never starts as NaN."""
+  checks.check_kwargs("config.lopt", factory, kwargs, f"lopt {name!r}")
+  for k, v in kwargs.items():
+    key = f"config.lopt.{k}"
+    if "layers" in k and checks.is_int(v) and v > 64:
+      raise ValueError(f"{key} must be at most 64, got {v}.")
+    if k.startswith("initial_") and ("lr" in k or "learning_rate" in k or "epsilon" in k):
+      checks.as_float(key, v, low=0.0, low_open=True)
+    if k.startswith("initial_beta"):
+      checks.as_float(key, v, low=0.0, high=1.0)
+      if v == 1.0:
+        raise ValueError(f"{key} must be below 1, got {v!r}.")
+    if k.endswith("_decays") and isinstance(v, (list, tuple)):
+      for i, x in enumerate(v):
+        checks.as_float(f"{key}[{i}]", x, low=0.0, high=1.0)
+        if x == 1.0:
+          raise ValueError(f"{key}[{i}] must be below 1, got {x!r}.")
+    if checks.is_int(v) and ("hidden" in k or k.endswith("_size")) and v < 1:
+      raise ValueError(f"{key} must be positive, got {v}.")
+
+
 def make_lopt_from_section(sec: Mapping[str, Any]) -> lopt_base.LearnedOptimizer:
   """``registry.get(lopt.name)(**kwargs)``, kwargs checked against its signature; with
   ``lopt.init_from`` set, ``init`` returns that theta (see ``resolve_init_from``)."""
   factory = _lopt_factory(sec)
   kwargs = _lopt_kwargs(sec)
-  checks.check_kwargs("config.lopt", factory, kwargs, f"lopt {sec['name']!r}")
-  for k, v in kwargs.items():
-    if "layers" in k and checks.is_int(v) and v > 64:
-      raise ValueError(f"config.lopt.{k} must be at most 64, got {v}.")
+  check_lopt_kwargs(factory, kwargs, sec["name"])
   try:
     lopt = factory(**kwargs)
   except (TypeError, ValueError) as e:
@@ -358,8 +379,7 @@ def resolve(cfg, fill_defaults: bool = False) -> dict[str, Any]:
   out = _fill(cfg)
   schema.check_loop_keys(out)
   factory = _lopt_factory(out["lopt"])
-  checks.check_kwargs("config.lopt", factory, _lopt_kwargs(out["lopt"]),
-                      f"lopt {out['lopt']['name']!r}")
+  check_lopt_kwargs(factory, _lopt_kwargs(out["lopt"]), out["lopt"]["name"])
   outer_opt_lib.check_section(out["outer_opt"])
   checks.as_str("config.frozen", out["frozen"])
   outer_opt_lib.schedule(out["outer_opt"]["schedule"], 1.0, out["outer_steps"])

@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 # Integers reach shapes and int32 counters; anything beyond int32 is a typo, not a setting.
 MAX_INT = 2**31 - 1
+# Floats reach float32 arrays; a larger magnitude would become inf there.
+FLOAT32_MAX = 3.4028234e38
 
 
 def did_you_mean(word: str, known: Iterable[str]) -> str:
@@ -58,6 +60,8 @@ def as_float(key: str, v, low: float = -math.inf, high: float = math.inf,
   if not is_real(v) or not math.isfinite(float(v)):
     raise ValueError(f"{key} must be a finite number, got {v!r}.")
   v = float(v)
+  if abs(v) > FLOAT32_MAX:
+    raise ValueError(f"{key} must be within float32 range (|x| <= 3.4e38), got {v!r}.")
   if v < low or v > high or (low_open and v == low):
     lo = "(" if low_open else "["
     raise ValueError(f"{key} must lie in {lo}{low}, {high}], got {v!r}.")
