@@ -8,7 +8,6 @@ number of cases tried is printed (``-s``) and recorded in ``CASES``.
 """
 
 import copy
-import math
 import os
 
 import jax
@@ -143,5 +142,5 @@ def test_report_fuzz_counts():
   """Runs last in this file: the counts of the default fuzz run (printed with -s)."""
   total = CASES["built"] + CASES["refused"]
   print(f"\nconfig fuzz: {total} cases, {CASES['built']} built, {CASES['refused']} refused")
-  assert total == 0 or CASES["refused"] > 0
-  assert not math.isnan(total)
+  # when the fuzz ran, it must have produced both outcomes (else the strategy is broken)
+  assert total == 0 or (CASES["refused"] > 0 and CASES["built"] > 0)
