@@ -7,7 +7,9 @@ batch 128), 300 outer steps, outer Adam(1e-3).
 Time on a 2-core CPU: about 20 s (compile about 9 s) on a quiet machine.
 Expected (seed 0): quadratic meta-loss 19.0 -> 15.7, digits MLP 2.11 -> 0.98 (means of
 the first and last 3 logs).
-Command: ``python -m spmd_lopt.launch`` (same as ``--config configs/pes_quadratic_digits.py``).
+Command: ``python -m spmd_lopt.launch`` (same learner as ``--config
+configs/pes_quadratic_digits.py``, which spells it in the full config form; add
+``--print_config`` to see every key).
 """
 
 from spmd_lopt import config

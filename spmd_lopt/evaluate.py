@@ -221,7 +221,7 @@ class PeriodicEvaluator:
   @classmethod
   def from_config(cls, cfg, learner, enabled: bool = True) -> "PeriodicEvaluator":
     """From the config keys ``eval_every`` (0: off), ``eval_tasks`` (comma-separated;
-    "" = ``cfg.tasks``), ``eval_steps`` and ``eval_seeds``; tasks are built as the
+    "" = the training tasks), ``eval_steps`` and ``eval_seeds``; tasks are built as the
     launcher builds its training families (``quadratic_dim``, ``data_dir`` apply)."""
     from spmd_lopt import config as config_lib  # pylint: disable=import-outside-toplevel
     every = int(cfg.get("eval_every", 0))
@@ -233,7 +233,8 @@ class PeriodicEvaluator:
       if steps <= 0 or seeds <= 0:
         raise ValueError(f"config.eval_steps and config.eval_seeds must be positive, got "
                          f"{steps}, {seeds}.")
-      names = [n.strip() for n in (cfg.get("eval_tasks", "") or cfg.tasks).split(",")
+      names = [n.strip() for n in (cfg.get("eval_tasks", "")
+                                          or ",".join(config_lib.task_names(cfg))).split(",")
                if n.strip()]
       if not names:
         raise ValueError("config.eval_tasks names no task.")

@@ -6,7 +6,8 @@ run ``outer_steps`` fused meta steps, and log. Per logged step one JSON object g
 the steps since the last log, and the learner's metrics). At the end: the learned
 optimizer's weights, a plot of the meta-loss, ``summary.json`` and a printed summary.
 
-Flags: ``--config`` (a config file; ``--config.KEY=VALUE`` overrides any key),
+Flags: ``--config`` (a config file; ``--config.KEY=VALUE`` overrides any key, e.g.
+``--config.estimators.0.num_tasks=16``; ``--print_config`` prints the resolved config),
 ``--workdir`` (default ``runs/<config.name>``), ``--restore_from``, ``--mesh`` and the
 multi-process ``--coordinator_address/--num_processes/--process_id/--init_timeout_s``.
 Only process 0 writes files (checkpoints: every process writes its own shards).
@@ -33,7 +34,6 @@ from absl import flags
 from absl import logging
 import jax
 import numpy as np
-from ml_collections import config_flags
 
 from spmd_lopt import checkpoints
 from spmd_lopt import config as config_lib
@@ -46,12 +46,16 @@ _FLAGS = {}
 
 
 def _define_flags():
-  """Defined at start-up, not import: config_flags reads ``sys.argv`` overrides as soon
-  as the flag is defined, and a bad override must become a clear error, not an import
-  traceback."""
-  _FLAGS['config'] = config_flags.DEFINE_config_file(
-      "config", _DEFAULT_CONFIG, "Config file (Python, get_config()); override keys with "
-      "--config.KEY=VALUE.", lock_config=True)
+  """Defined at start-up, not import, so importing this module defines no flags.
+  ``--config.KEY=VALUE`` overrides are not absl flags: ``_parse_flags`` takes them out
+  and ``config.load`` applies them."""
+  _FLAGS['config'] = flags.DEFINE_string(
+      "config", _DEFAULT_CONFIG, "Config file (Python, get_config()); override any key "
+      "with --config.KEY=VALUE, also in sections and list entries "
+      "(--config.estimators.0.num_tasks=16). See --print_config for every key.")
+  _FLAGS['print_config'] = flags.DEFINE_boolean(
+      "print_config", False, "Print the full resolved config (every section, every "
+      "default written out) and exit without training.")
   _FLAGS['workdir'] = flags.DEFINE_string(
       "workdir", None, "Where metrics, weights, plots and checkpoints go (default: "
       "runs/<config.name>). A workdir that holds a checkpoint is resumed.")
@@ -423,8 +427,10 @@ def _main(argv):
   # Before anything touches a device: join the other processes (if any).
   sharding.initialize(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value, _FLAGS['process_id'].value,
                       timeout_s=_FLAGS['init_timeout'].value)
-  cfg = config_lib.validate(_FLAGS['config'].value)
-  cfg.lock()
+  cfg = config_lib.load(_FLAGS['config'].value, _OVERRIDES)
+  if _FLAGS['print_config'].value:
+    print(config_lib.format_config(cfg), flush=True)
+    return
   workdir = _FLAGS['workdir'].value or os.path.join("runs", cfg.name)
   mesh = sharding.mesh_from_spec(_FLAGS['mesh'].value) if _FLAGS['mesh'].value else None
   summary = train(cfg, workdir, mesh=mesh, restore_from=_FLAGS['restore_from'].value,
@@ -455,19 +461,22 @@ def _fail(message: str):
   sys.exit(2)
 
 
+_OVERRIDES = []
+
+
 def _parse_flags(argv):
-  """absl's parsing, with bad flags and config overrides reported in one line."""
+  """absl's parsing of everything but ``--config.KEY=VALUE`` (kept for config.load);
+  bad flags are reported in one line."""
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    _fail(f"bad flag or config override: {e}")
+    rest, overrides = config_lib.split_args(argv)
+    _OVERRIDES[:] = overrides
+    return flags.FLAGS(rest)
+  except (flags.Error, ValueError) as e:
+    _fail(" ".join(f"bad flag: {e}".split()))
 
 
 def run():
-  try:
-    _define_flags()
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    _fail(f"bad config override: {e}")
+  _define_flags()
   app.run(main, flags_parser=_parse_flags)
 
 
