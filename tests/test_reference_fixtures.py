@@ -93,3 +93,20 @@ def test_wrong_reference_file_is_one_line_error(tmp_path):
   junk.write_bytes(b"\xc1not msgpack")
   with pytest.raises(ValueError, match="cannot decode"):
     reference_thetas.load_reference_theta(junk, MLPLOpt())
+
+
+def test_adafac_momentum_decays_are_not_clipped_like_the_reference():
+  """The reference clips learned rms/adafactor decays to [0, 1] but not momentum decays;
+  a theta trained there may push a momentum decay below 0 and must act the same here."""
+  lopt = AdafacMLPLOpt()
+  theta = lopt.init(jax.random.key(0))
+  theta["momentum_decays"] = jnp.asarray([0.3, 0.0, 0.0], jnp.float32)
+  theta["rms_decays"] = jnp.asarray([0.8], jnp.float32)
+  mom, rms, _ = lopt.decays(theta)
+  assert float(mom[0]) < -0.5 and float(rms[0]) < 0.0
+  opt = lopt.opt_fn(theta)
+  g = {"w": jnp.asarray([[1.0, -2.0], [0.5, 3.0]])}
+  s = opt.update(opt.init({"w": jnp.zeros((2, 2))}, num_steps=10), g)
+  np.testing.assert_allclose(s.momentum.m["w"][..., 0], (1 - float(mom[0])) * g["w"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(s.rms.v["w"][..., 0], g["w"] ** 2, rtol=1e-6)  # clipped to 0
