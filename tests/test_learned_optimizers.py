@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spmd_lopt.learned_optimizers import (AdafacMLPLOpt, LearnableAdam, LearnableSGD,
-                                          MLPLOpt, NNAdam)
+from spmd_lopt.learned_optimizers import (AdafacMLPLOpt, Celo2, LearnableAdam, LearnableSGD,
+                                          LearnableSGDM, MLPLOpt, NNAdam, registry)
 from spmd_lopt.learned_optimizers import common
 
 LOPTS = {
@@ -15,6 +15,8 @@ LOPTS = {
     "NNAdam": NNAdam,
     "LearnableSGD": LearnableSGD,
     "LearnableAdam": LearnableAdam,
+    "LearnableSGDM": LearnableSGDM,
+    "Celo2": Celo2,
 }
 
 
@@ -65,7 +67,9 @@ def test_smoketest(name, dtype):
   assert int(s2.iteration) == 2
 
 
-@pytest.mark.parametrize("name", list(LOPTS))
+# Celo2's vmapped compile is the costliest here (~40 s loaded); test_celo2 covers its jit.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "Celo2"
+                                  else n for n in LOPTS])
 def test_jit_vmap_over_thetas(name):
   lopt = LOPTS[name]()
   keys = jax.random.split(jax.random.key(5), 4)
@@ -94,6 +98,33 @@ def test_config_rebuilds_every_lopt():
     assert rebuilt.config == lopt.config
   assert AdafacMLPLOpt(hidden_size=7).config["hidden_size"] == 7
   assert AdafacMLPLOpt().config["initial_rms_decays"] == [0.999]
+
+
+def test_learnable_sgdm_is_heavy_ball_with_learned_lr_and_momentum():
+  lopt = registry.get("learnable_sgdm")(initial_lr=0.1, initial_momentum=0.5)
+  theta = lopt.init(None)
+  np.testing.assert_allclose(1 - np.exp(theta["one_minus_momentum"]), 0.5, rtol=1e-6)
+  theta = {"log_lr": jnp.log(0.2), "one_minus_momentum": jnp.log(1 - 0.8)}
+  opt = lopt.opt_fn(theta)
+  p, grads = np.array([1.0, -1.0]), [np.array([0.5, 1.0]), np.array([-1.0, 2.0])]
+  s = opt.init({"x": jnp.asarray(p, jnp.float32)})
+  m = 0.0
+  for g in grads:
+    s = opt.update(s, {"x": jnp.asarray(g, jnp.float32)})
+    m = 0.8 * m + g
+    p = p - 0.2 * m
+  np.testing.assert_allclose(opt.get_params(s)["x"], p, rtol=1e-6)
+  # Meta-gradients reach both hyper-parameters.
+  def final_loss(th):
+    st = opt.init({"x": jnp.ones(2)})
+    op = lopt.opt_fn(th)
+    for _ in range(3):
+      st = op.update(st, {"x": op.get_params(st)["x"]})
+    return jnp.sum(op.get_params(st)["x"] ** 2)
+  grad = jax.grad(final_loss)(theta)
+  assert float(grad["log_lr"]) != 0.0 and float(grad["one_minus_momentum"]) != 0.0
+  with pytest.raises(ValueError, match="initial_momentum"):
+    LearnableSGDM(initial_momentum=1.0)
 
 
 # ----------------------------------------------------------------------------- common

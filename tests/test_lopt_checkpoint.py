@@ -1,6 +1,8 @@
 """ParameterCheckpoint files and the optax adapter."""
 
+import json
 import os
+import sys
 
 import flax
 import jax
@@ -9,11 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from spmd_lopt.learned_optimizers import (AdafacMLPLOpt, LearnableAdam, MLPLOpt, NNAdam,
-                                          as_optax, load_parameter_checkpoint,
+from spmd_lopt.learned_optimizers import (AdafacMLPLOpt, Celo2Base, LearnableAdam,
+                                          LearnableSGDM, MLPLOpt, NNAdam, as_optax,
+                                          load_parameter_checkpoint, resolve,
                                           save_parameter_checkpoint)
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import checkpoint as ckpt_lib
+from spmd_lopt.learned_optimizers import specs
 from spmd_lopt.optimizers import base as opt_base
 
 
@@ -220,3 +224,100 @@ def test_optax_adapter_passes_loss_and_needs_params():
     tx.update({"x": jnp.ones(3)}, state)
   with pytest.raises(ValueError, match="lopt"):
     as_optax(lopt.init(None))
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+def _crafted(path, header):
+  """A well-formed checkpoint (valid hash) whose header says whatever the test wants."""
+  lopt = LearnableAdam()
+  theta_bytes = flax.serialization.msgpack_serialize(
+      jax.tree.map(np.asarray, lopt.init(None)))
+  head = json.dumps(header).encode()
+  path.write_bytes(flax.serialization.msgpack_serialize({
+      "magic": ckpt_lib.MAGIC, "format_version": 1, "header": head, "theta": theta_bytes,
+      "sha256": ckpt_lib._digest(head, theta_bytes)}))  # pylint: disable=protected-access
+  return path
+
+
+def test_loading_never_imports_a_module_named_by_the_file(tmp_path, monkeypatch):
+  marker = tmp_path / "imported.marker"
+  moddir = tmp_path / "mods"
+  moddir.mkdir()
+  (moddir / "evil_lopt_mod.py").write_text(
+      f"open({str(marker)!r}, 'w').write('ran')\n"
+      "from spmd_lopt.learned_optimizers.base import LearnableAdam as Evil\n")
+  monkeypatch.syspath_prepend(str(moddir))
+  for i, cls_path in enumerate(["evil_lopt_mod:Evil", "os:system", "subprocess:Popen"]):
+    for key in ("lopt_class", "lopt_name"):
+      f = _crafted(tmp_path / f"c{i}{key}.lopt",
+                   {key: cls_path, "config": {}, "extra": {}})
+      with pytest.raises(ValueError) as e:
+        load_parameter_checkpoint(f)
+      assert "\n" not in str(e.value) and "refusing" in str(e.value)
+      assert cls_path in str(e.value)
+  assert not marker.exists()
+  assert "evil_lopt_mod" not in sys.modules
+
+
+def test_old_header_with_builtin_class_path_still_loads(tmp_path):
+  f = _crafted(tmp_path / "old.lopt",
+               {"lopt_class": "spmd_lopt.learned_optimizers.base:LearnableAdam",
+                "config": LearnableAdam().config, "extra": {"a": 1}})
+  loaded = load_parameter_checkpoint(f)
+  assert type(loaded.lopt) is LearnableAdam and loaded.lopt_name == "learnable_adam"
+  assert loaded.extra == {"a": 1}
+
+
+def test_new_files_store_the_registered_name_and_unregistered_classes_are_refused(tmp_path):
+  lopt = Celo2Base(step_mult=2e-3)
+  save_parameter_checkpoint(tmp_path / "c.lopt", lopt, lopt.init(jax.random.key(0)))
+  header = json.loads(flax.serialization.msgpack_restore(
+      (tmp_path / "c.lopt").read_bytes())["header"].decode())
+  assert header["lopt_name"] == "celo2_base"
+  loaded = load_parameter_checkpoint(tmp_path / "c.lopt")
+  assert type(loaded.lopt) is Celo2Base and loaded.lopt.step_mult == 2e-3
+
+  class Unregistered(LearnableAdam):
+    pass
+
+  with pytest.raises(ValueError, match="not registered"):
+    save_parameter_checkpoint(tmp_path / "u.lopt", Unregistered(), LearnableAdam().init(None))
+  assert not (tmp_path / "u.lopt").exists()
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def test_resolve_grammar(tmp_path):
+  lopt, theta = resolve("init:learnable_sgdm", lopt_args={"initial_lr": 0.1})
+  assert type(lopt) is LearnableSGDM
+  np.testing.assert_allclose(np.exp(theta["log_lr"]), 0.1, rtol=1e-6)
+  lopt = AdafacMLPLOpt(hidden_size=3)
+  th = lopt.init(jax.random.key(1))
+  save_parameter_checkpoint(tmp_path / "a.lopt", lopt, th)
+  got_lopt, got = resolve(str(tmp_path / "a.lopt"))
+  assert got_lopt.config == lopt.config
+  jax.tree.map(np.testing.assert_array_equal, got, th)
+  ref = os.path.join(os.path.dirname(__file__), "fixtures", "learned_optimization",
+                     "mlp_lopt_theta.state")
+  got_lopt, got = resolve(f"mlp_lopt={ref}")
+  assert type(got_lopt) is MLPLOpt and got["params"]["Dense_0"]["kernel"].shape == (19, 32)
+  for bad, what in [("init:nope", "Unknown learned optimizer"),
+                    ("pretrained:../../etc/passwd", "no pretrained"),
+                    ("pretrained:not_shipped", "no pretrained"),
+                    (ref, "not a spmd_lopt parameter checkpoint"),
+                    (str(tmp_path / "missing.lopt"), "neither a file nor a spec")]:
+    with pytest.raises(ValueError, match=what):
+      resolve(bad)
+
+
+def test_resolve_pretrained_reads_the_package_folder(tmp_path, monkeypatch):
+  lopt = LearnableSGDM(initial_lr=0.05)
+  save_parameter_checkpoint(tmp_path / "sgdm_demo.lopt", lopt, lopt.init(None))
+  monkeypatch.setattr(specs, "PRETRAINED_DIR", str(tmp_path))
+  assert specs.pretrained_names() == ("sgdm_demo",)
+  got_lopt, theta = resolve("pretrained:sgdm_demo")
+  assert got_lopt.config == lopt.config
+  np.testing.assert_allclose(np.exp(theta["log_lr"]), 0.05, rtol=1e-6)

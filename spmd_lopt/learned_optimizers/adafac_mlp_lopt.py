@@ -249,7 +249,9 @@ class AdafacMLPLOpt(lopt_base.LearnedOptimizer):
 
       def update(self, opt_state, grad, loss=None, model_state=None, key=None, **kw):
         del loss, key, kw
-        momentum = common.momentum_update(opt_state.momentum, grad, mom_decays)
+        # As the reference: learned momentum decays are not clipped (rms/adafactor are).
+        momentum = common.momentum_update(opt_state.momentum, grad, mom_decays,
+                                          clip=False)
         rms = common.rms_update(opt_state.rms, grad, rms_decays)
         factored, y = common.factored_update(opt_state.factored, grad, fac_decays)
         step_features = tanh_embedding(opt_state.iteration)

@@ -6,9 +6,9 @@ update rule is a function of ``theta``). Everything ``opt_fn`` builds must be a 
 function of ``theta``, because meta-training evaluates it at perturbed ``theta``s (ES/PES)
 and differentiates through it (truncated backprop), vmapped over tasks.
 
-``LearnableSGD`` and ``LearnableAdam`` expose hand-designed optimizers' hyper-parameters as
-``theta``: meta-training them has a known answer (the best fixed hyper-parameters), which
-makes them the sanity check for every estimator.
+``LearnableSGD``, ``LearnableSGDM`` and ``LearnableAdam`` expose hand-designed optimizers'
+hyper-parameters as ``theta``: meta-training them has a known answer (the best fixed
+hyper-parameters), which makes them the sanity check for every estimator.
 """
 
 from __future__ import annotations
@@ -144,6 +144,36 @@ class LearnableSGD(LearnedOptimizer):
   def opt_fn(self, theta, is_training=False):
     del is_training
     return _ThetaOptax(optax.sgd(jnp.exp(theta["log_lr"])), self.name)
+
+
+class LearnableSGDM(LearnedOptimizer):
+  """SGD with momentum, learned step size and momentum (the reference's semantics).
+
+  ``theta = {log_lr, one_minus_momentum}`` with ``lr = exp(log_lr)`` and
+  ``mu = 1 - exp(one_minus_momentum)``; the update is optax's heavy ball,
+  ``m <- mu m + g``, ``p <- p - lr m``.
+  """
+
+  def __init__(self, initial_lr: float = 0.01, initial_momentum: float = 0.9):
+    if initial_lr <= 0:
+      raise ValueError(f"LearnableSGDM: initial_lr must be positive, got {initial_lr}.")
+    if not 0.0 <= initial_momentum < 1.0:
+      raise ValueError("LearnableSGDM: initial_momentum must lie in [0, 1), got "
+                       f"{initial_momentum}.")
+    self.initial_lr = initial_lr
+    self.initial_momentum = initial_momentum
+    self.name = "LearnableSGDM"
+
+  def init(self, key):
+    del key
+    return {"log_lr": jnp.asarray(np.log(self.initial_lr), jnp.float32),
+            "one_minus_momentum": jnp.asarray(np.log(1.0 - self.initial_momentum),
+                                              jnp.float32)}
+
+  def opt_fn(self, theta, is_training=False):
+    del is_training
+    momentum = 1.0 - jnp.exp(theta["one_minus_momentum"])
+    return _ThetaOptax(optax.sgd(jnp.exp(theta["log_lr"]), momentum=momentum), self.name)
 
 
 class LearnableAdam(LearnedOptimizer):

@@ -6,15 +6,19 @@ The file is a msgpack map (written with ``flax.serialization``)::
    "header": <UTF-8 JSON bytes>, "theta": <msgpack bytes of theta's state dict>,
    "sha256": <hex digest of len(header) as 8 bytes LE + header + theta>}
 
-and the JSON header holds ``lopt_class`` ("module:QualName" import path), ``config``
-(the constructor arguments, ``LearnedOptimizer.config``), ``extra`` (caller metadata,
-JSON) and ``spmd_lopt_version``. Only the content hash is outside the hashed bytes, so
-any flipped or missing byte is caught on load.
+and the JSON header holds ``lopt_name`` (the class's name in ``registry``),
+``lopt_class`` ("module:QualName", informational only), ``config`` (the constructor
+arguments, ``LearnedOptimizer.config``), ``extra`` (caller metadata, JSON) and
+``spmd_lopt_version``. Only the content hash is outside the hashed bytes, so any flipped
+or missing byte is caught on load.
 
-Loading imports ``lopt_class``'s module and calls ``cls(**config)``: treat a checkpoint
-file like code and only load files you trust. Theta is restored into the tree structure
-of the rebuilt optimizer's own ``init`` (traced abstractly, nothing is computed), after a
-leaf-by-leaf shape and dtype check.
+Loading never imports anything a file names: the class comes from ``registry.get``
+(``lopt_name``); files written before names were stored carry only ``lopt_class``, which
+is accepted only when it is the import path of a built-in registered class and mapped to
+that class's name; anything else is refused with one line. The file is decoded as msgpack
+data (no pickle). Theta is restored into the tree structure of the rebuilt optimizer's own
+``init`` (traced abstractly, nothing is computed), after a leaf-by-leaf shape and dtype
+check. Classes of your own must be registered (``registry.register``) to be saved or loaded.
 
 Writes are atomic: a temporary file in the destination folder, fsync, ``os.replace``.
 """
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import struct
@@ -38,6 +41,7 @@ import numpy as np
 
 import spmd_lopt
 from spmd_lopt.learned_optimizers import base as lopt_base
+from spmd_lopt.learned_optimizers import registry
 
 MAGIC = "spmd_lopt.ParameterCheckpoint"
 FORMAT_VERSION = 1
@@ -49,9 +53,10 @@ class ParameterCheckpoint:
   """A loaded checkpoint.
 
   theta: the meta-parameters (jax arrays, in ``lopt.init``'s tree structure);
-  lopt: the learned optimizer rebuilt as ``lopt_class(**config)``; config: its
-  constructor arguments; lopt_class: the "module:QualName" import path; extra: the
-  caller's metadata; format_version; sha256: the verified content hash; path.
+  lopt: the learned optimizer rebuilt as ``registry.get(lopt_name)(**config)``; config:
+  its constructor arguments; lopt_class: the class's "module:QualName" path (information
+  only); extra: the caller's metadata; format_version; sha256: the verified content hash;
+  path; lopt_name: the registered name the class was resolved by.
   """
   theta: Any
   lopt: lopt_base.LearnedOptimizer
@@ -61,6 +66,7 @@ class ParameterCheckpoint:
   format_version: int
   sha256: str
   path: str
+  lopt_name: str = ""
 
 
 def class_path(cls: type) -> str:
@@ -68,17 +74,41 @@ def class_path(cls: type) -> str:
   return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _resolve_class(path: str) -> type:
-  module_name, _, qualname = path.partition(":")
-  try:
-    obj = importlib.import_module(module_name)
-    for part in qualname.split("."):
-      obj = getattr(obj, part)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f"cannot import learned optimizer class {path!r}: {e}") from e
-  if not (isinstance(obj, type) and issubclass(obj, lopt_base.LearnedOptimizer)):
-    raise ValueError(f"{path!r} is not a LearnedOptimizer subclass.")
-  return obj
+def builtin_class_paths() -> Dict[str, str]:
+  """``{"module:QualName": registered name}`` for the package's own registered classes:
+  the only import paths an old-format file may name."""
+  out = {}
+  for name in registry.names():
+    cls = registry.factory_class(name)
+    if cls is not None and cls.__module__.startswith("spmd_lopt."):
+      if registry.get(name) is cls or class_path(cls) not in out:  # exact class wins
+        out[class_path(cls)] = name
+  return out
+
+
+def registered_name(name_or_path: str) -> str:
+  """The registry name for a registered name or a built-in class's "module:QualName"
+  path; anything else is one ValueError. Nothing is imported."""
+  if name_or_path in registry.names():
+    return name_or_path
+  known = builtin_class_paths()
+  if name_or_path in known:
+    return known[name_or_path]
+  raise ValueError(f"refusing learned optimizer {name_or_path!r}: not a registered name "
+                   f"(known: {', '.join(registry.names())}) nor a built-in class path; "
+                   "register your class with spmd_lopt.learned_optimizers.registry.register.")
+
+
+def _resolve_class(name_or_path: str) -> type:
+  """The class for a registered name or a built-in class path (see ``registered_name``),
+  resolved through the registry only."""
+  name = registered_name(name_or_path)
+  cls = registry.factory_class(name)
+  if cls is None:
+    raise ValueError(f"learned optimizer {name!r} is registered as a "
+                     f"{type(registry.get(name)).__name__}, not a LearnedOptimizer class; "
+                     "checkpoints need a registered class.")
+  return cls
 
 
 def _digest(header: bytes, theta: bytes) -> str:
@@ -144,16 +174,18 @@ def save_parameter_checkpoint(path: PathLike, lopt: lopt_base.LearnedOptimizer, 
   not JSON-serialisable.
   """
   cls = type(lopt)
-  if "<locals>" in cls.__qualname__:
-    raise ValueError(f"save_parameter_checkpoint: {cls.__qualname__} is defined inside a "
-                     "function and could not be re-imported on load.")
+  lopt_name = registry.name_of(cls)
+  if lopt_name is None:
+    raise ValueError(f"save_parameter_checkpoint: {cls.__qualname__} is not registered; "
+                     "loading resolves classes by registered name only, so register it "
+                     "first (spmd_lopt.learned_optimizers.registry.register(name, cls)).")
   got = flax.serialization.to_state_dict(jax.device_get(theta))
   expected = flax.serialization.to_state_dict(_theta_template(lopt))
   diff = first_theta_difference(expected, got, got_name="the given theta")
   if diff:
     raise ValueError(f"save_parameter_checkpoint: theta does not fit {cls.__name__} "
                      f"{lopt.config}: {diff}.")
-  header = _to_json({"lopt_class": class_path(cls),
+  header = _to_json({"lopt_name": lopt_name, "lopt_class": class_path(cls),
                      "config": lopt.config,
                      "extra": dict(extra or {}),
                      "spmd_lopt_version": spmd_lopt.__version__}, "config/extra").encode()
@@ -219,16 +251,28 @@ def load_parameter_checkpoint(path: PathLike,
                    f"{actual[:12]}...): the file is corrupted.")
   try:
     meta = json.loads(header.decode())
-    class_name, config = meta["lopt_class"], meta["config"]
+    stored = meta["lopt_name"] if "lopt_name" in meta else meta["lopt_class"]
+    config = meta["config"]
     extra = meta.get("extra", {})
+    if not (isinstance(stored, str) and isinstance(config, dict) and isinstance(extra, dict)):
+      raise TypeError("lopt_name/lopt_class, config or extra has the wrong type")
   except (ValueError, KeyError, TypeError) as e:
     raise _corrupt(path, f"unreadable header ({e}).") from e
 
-  cls = _resolve_class(class_name)
+  try:
+    lopt_name = registered_name(stored)
+    cls = _resolve_class(lopt_name)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+  class_name = class_path(cls)
   if expect is not None and type(expect) is not cls:
     raise ValueError(f"{path} holds theta for {class_name}, but the expected learned "
                      f"optimizer is {class_path(type(expect))}.")
-  lopt = cls(**config)
+  try:
+    lopt = cls(**config)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: cannot build {lopt_name} from the stored arguments "
+                     f"{config}: {e}") from None
   got = flax.serialization.msgpack_restore(theta_bytes)
   template = _theta_template(expect if expect is not None else lopt)
   diff = first_theta_difference(flax.serialization.to_state_dict(template), got)
@@ -245,4 +289,4 @@ def load_parameter_checkpoint(path: PathLike,
   theta = jax.tree.map(jnp.asarray, theta)
   return ParameterCheckpoint(theta=theta, lopt=lopt, config=lopt.config,
                              lopt_class=class_name, extra=extra, format_version=version,
-                             sha256=digest, path=path)
+                             sha256=digest, path=path, lopt_name=lopt_name)

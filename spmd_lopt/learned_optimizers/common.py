@@ -4,7 +4,8 @@ Every accumulator is a pure ``*_init(params, num_decays)`` / ``*_update(state, g
 decays)`` pair over a ``flax.struct.dataclass`` state. ``decays`` is a float32 vector of
 ``K`` decay rates (it may be a function of theta, so it is an argument, not a constant);
 each state leaf carries a trailing axis of size ``K``, one slot per decay. Decays are
-clipped to ``[0, 1]`` so that any learned offset still gives a convex average.
+clipped to ``[0, 1]`` so that any learned offset still gives a convex average (momentum
+can opt out, as the reference's AdafacMLPLOpt does).
 
 Accumulators are float32 whatever the parameter dtype: an exponential average with decay
 0.999 cannot move in bfloat16 (its 8-bit mantissa rounds ``0.001 * g`` away), and a fixed
@@ -53,9 +54,12 @@ def momentum_init(params: Any, num_decays: int) -> MomentumState:
       m=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p) + (num_decays,), F32), params))
 
 
-def momentum_update(state: MomentumState, grad: Any, decays) -> MomentumState:
-  """``m_k <- b_k m_k + (1 - b_k) g`` for every decay ``b_k``."""
-  b = _decays(decays)
+def momentum_update(state: MomentumState, grad: Any, decays, clip: bool = True
+                    ) -> MomentumState:
+  """``m_k <- b_k m_k + (1 - b_k) g`` for every decay ``b_k``; ``clip=False`` uses the
+  decays as given (the reference's AdafacMLPLOpt does not clip its learned momentum
+  decays, so a theta trained there may hold decays outside ``[0, 1]``)."""
+  b = _decays(decays) if clip else jnp.asarray(decays, F32)
   return MomentumState(m=jax.tree.map(
       lambda m, g: b * m + (1.0 - b) * jnp.asarray(g, F32)[..., None], state.m, grad))
 

@@ -28,6 +28,7 @@ import optax
 
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import checkpoint as ckpt_lib
+from spmd_lopt.learned_optimizers import specs
 
 
 def _difference(new, old):
@@ -42,8 +43,10 @@ def as_optax(path_or_theta: Union[str, os.PathLike, Any],
 
   Args:
     path_or_theta: a parameter checkpoint path (the optimizer is rebuilt from the file;
-      if ``lopt`` is also given the file must match it), or theta itself (then ``lopt``
-      is required).
+      if ``lopt`` is also given the file must match it), a foreign theta file together
+      with ``lopt`` (e.g. Celo2's released ``theta.state`` with ``lopt=Celo2()``), a spec
+      of ``specs.resolve`` (``celo2=PATH``, ``pretrained:NAME``, ``init:NAME``), or theta
+      itself (then ``lopt`` is required).
     lopt: the learned optimizer theta belongs to.
     num_steps: the inner run length given to the inner ``init`` (``AdafacMLPLOpt``
       requires it).
@@ -54,8 +57,18 @@ def as_optax(path_or_theta: Union[str, os.PathLike, Any],
     and ``key`` to the learned optimizer.
   """
   if isinstance(path_or_theta, (str, os.PathLike)):
-    loaded = ckpt_lib.load_parameter_checkpoint(path_or_theta, expect=lopt)
-    theta, lopt = loaded.theta, loaded.lopt
+    spec = os.fspath(path_or_theta)
+    if os.path.isfile(spec) and specs.is_parameter_checkpoint(spec):
+      loaded = ckpt_lib.load_parameter_checkpoint(spec, expect=lopt)
+      theta, lopt = loaded.theta, loaded.lopt
+    elif os.path.isfile(spec) and lopt is not None:
+      theta = specs.load_theta_file(spec, lopt)  # e.g. Celo2's released theta.state
+    else:
+      resolved, theta = specs.resolve(spec)
+      if lopt is not None and type(resolved) is not type(lopt):
+        raise ValueError(f"as_optax: {spec!r} gives a {type(resolved).__name__}, but "
+                         f"lopt is a {type(lopt).__name__}.")
+      lopt = resolved
   else:
     if lopt is None:
       raise ValueError("as_optax: pass the LearnedOptimizer (lopt=...) along with theta, "

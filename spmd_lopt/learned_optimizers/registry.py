@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional
 
+from spmd_lopt.learned_optimizers import base as lopt_base
+
 _BY_NAME: dict[str, Callable] = {}
 
 
@@ -55,6 +57,15 @@ def base_class(factory: Callable) -> type:
   while isinstance(factory, functools.partial):
     factory = factory.func
   return factory
+
+
+def factory_class(name: str) -> Optional[type]:
+  """The ``LearnedOptimizer`` subclass registered as ``name`` (through a partial if need
+  be), or None when the factory is something else (e.g. a plain function)."""
+  cls = base_class(get(name))
+  if isinstance(cls, type) and issubclass(cls, lopt_base.LearnedOptimizer):
+    return cls
+  return None
 
 
 def name_of(cls: type) -> Optional[str]:

@@ -1,0 +1,376 @@
+"""Celo2 (Moudgil, Knyazev, Belilovsky, ICLR 2026): a 347-parameter learned update rule.
+
+Per parameter tensor ``p`` (shape ``S``, rank ``r``) with gradient ``grad``, in float32:
+
+1. ``g = clip(grad, -1000, 1000)``.
+2. Accumulators, no bias correction, from 0: momenta ``m_b <- b m_b + (1-b) g`` for
+   ``b in (0.9, 0.99, 0.999)``; ``v <- 0.95 v + 0.05 g^2``; Adafactor second moments of
+   ``g^2 + 1e-30`` at the same three decays (``common.factored_update``: rows/columns over
+   the two largest axes for ``r >= 2``, a full accumulator otherwise), which also give the
+   factored gradient ``fac_g = g / sqrt(V_hat)``.
+3. Features (after the update), ``s = rsqrt(v + 1e-8)``, as groups of widths
+   ``g 1 | clip(g, -0.1, 0.1) 1 | p 1 | m 3 | v 1 | m s 3 | s 1 | fac_g 3 | g s 1`` and, for
+   ``r >= 2`` only, ``row 3 | col 3 | rsqrt(row + 1e-8) 3 | rsqrt(col + 1e-8) 3 |
+   m row_factor col_factor 3`` (row/col broadcast to ``S``): 15 or 30 features.
+4. Every feature column is scaled to unit RMS over the last two axes of ``p`` (the only
+   axis of a vector; a scalar is a length-1 vector): ``x rsqrt(1e-9 + mean(x^2))``.
+5. A grouped MLP: ``h = relu(sum_i f_i @ W0_i + b0)``, ``h = relu(h @ W1 + b1)``,
+   ``o = h @ W2 + b2`` (hidden 8, 3 outputs); the direction is ``o[..., 0]``.
+6. Celo2 (not Celo2-base), ``r >= 2``: Newton-Schulz orthogonalisation of the direction
+   over its last two axes (``newton_schulz``).
+7. The step is scaled to unit RMS over the last two axes (as in 4).
+8. ``p <- p - step_mult step - weight_decay step_mult p``.
+9. Leaves whose '/'-joined key path matches ``regex_1d`` use un-bias-corrected Adam
+   instead (raw gradient, b1 0.9, b2 0.95, ``m / sqrt(v + 1e-8)``) with step multiplier
+   ``20 step_mult`` (also for the decay term).
+
+Theta uses the authors' released layout, ``{"ff_mod_stack": {"~": {"w0__0".."w0__13",
+"w1", ..., "b0", ...}}}``, so their ``theta.state`` files load without renaming
+(``load_released_weights``). ``scale_by_celo2`` is items 1-7 as an optax transformation.
+All matrix products run at ``Precision.HIGHEST`` (TF32 would move the steps visibly).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from spmd_lopt.learned_optimizers import base as lopt_base
+from spmd_lopt.learned_optimizers import common
+from spmd_lopt.learned_optimizers import reference_thetas
+from spmd_lopt.optimizers import base as opt_base
+
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
+MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
+RMS_DECAY = 0.95
+ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
+GRAD_CLIP = 1000.0
+# Widths of the input feature groups in the order of item 3 (first 9: every tensor).
+GROUP_WIDTHS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
+NUM_VECTOR_GROUPS = 9
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_ITERS = 5
+ADAM_B1, ADAM_B2, ADAM_EPS, ADAM_MULT = 0.9, 0.95, 1e-8, 20.0
+# Haiku's truncated normal ([-2, 2] std units) has std 0.8796; dividing restores stddev.
+_TRUNC_STD = 0.87962566
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def rms_normalize(x: jax.Array, ndim: int, eps: float = 1e-9) -> jax.Array:
+  """``x rsqrt(eps + mean(x^2))`` over the last ``min(ndim, 2)`` axes of the parameter,
+  where ``x`` has shape ``S + T`` with ``len(S) == ndim >= 1`` and ``T`` trailing feature
+  axes (0 or 1)."""
+  trailing = x.ndim - ndim
+  axes = tuple(range(max(ndim - 2, 0), ndim))
+  axes = tuple(a - ndim - trailing for a in axes)  # negative, so trailing axes stay put
+  return x * jax.lax.rsqrt(eps + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
+
+
+def newton_schulz(x: jax.Array, iters: int = NS_ITERS, eps: float = 1e-8) -> jax.Array:
+  """Approximate ``U V^T`` of ``x = U S V^T`` over the last two axes (batched over the rest).
+
+  With ``X`` the (possibly transposed, so rows <= cols) matrix divided by its Frobenius
+  norm plus ``eps``: ``iters`` times ``A = X X^T``, ``X <- a X + (b A + c A A) X`` with
+  ``(a, b, c) = (3.4445, -4.7750, 2.0315)``; then transposed back.
+  """
+  a, b, c = NS_COEFFS
+  transpose = x.shape[-2] > x.shape[-1]
+  if transpose:
+    x = jnp.swapaxes(x, -1, -2)
+  x = x / (jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)) + eps)
+  mm = lambda u, v: jnp.matmul(u, v, precision=HIGHEST)
+  for _ in range(iters):
+    gram = mm(x, jnp.swapaxes(x, -1, -2))
+    x = a * x + mm(b * gram + c * mm(gram, gram), x)
+  return jnp.swapaxes(x, -1, -2) if transpose else x
+
+
+@flax.struct.dataclass
+class Celo2Accumulators:
+  """Celo2's per-leaf statistics (float32; trailing decay axis as in ``common``):
+  momentum (3 decays), rms (decay 0.95), factored (Adafactor, 3 decays) and the int32
+  number of updates so far."""
+  momentum: common.MomentumState
+  rms: common.RMSState
+  factored: common.FactoredState
+  count: jax.Array
+
+
+def accumulators_init(params: Any) -> Celo2Accumulators:
+  """Zero accumulators for every leaf of ``params`` (any pytree)."""
+  return Celo2Accumulators(
+      momentum=common.momentum_init(params, len(MOMENTUM_DECAYS)),
+      rms=common.rms_init(params, 1),
+      factored=common.factored_init(params, len(ADAFACTOR_DECAYS)),
+      count=jnp.zeros([], jnp.int32))
+
+
+def _features(p, g, m, v, fac_g, v_row, v_col) -> List[jax.Array]:
+  """Item 3's groups for one leaf, each of shape ``S + (width,)`` (float32)."""
+  shape = g.shape
+  s = jax.lax.rsqrt(v + 1e-8)
+  groups = [g[..., None], jnp.clip(g, -0.1, 0.1)[..., None], p[..., None], m, v, m * s, s,
+            fac_g, g[..., None] * s]
+  dims = common.factored_dims(shape)
+  if dims is not None:
+    d_col, d_row = dims
+    row = jnp.broadcast_to(jnp.expand_dims(v_row, d_row), shape + v_row.shape[-1:])
+    col = jnp.broadcast_to(jnp.expand_dims(v_col, d_col), shape + v_col.shape[-1:])
+    row_factor, col_factor = common.factored_scales(v_row, v_col, shape)
+    groups += [row, col, jax.lax.rsqrt(row + 1e-8), jax.lax.rsqrt(col + 1e-8),
+               m * row_factor * col_factor]
+  return groups
+
+
+def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
+  """Items 4-5: normalise each feature column, run the grouped MLP, take output 0."""
+  ndim = groups[0].ndim - 1
+  feats = jnp.concatenate([rms_normalize(x, ndim) for x in groups], axis=-1)
+  w0 = jnp.concatenate([net[f"w0__{i}"] for i in range(len(groups))], axis=0)
+  h = jnp.matmul(feats, w0, precision=HIGHEST) + net["b0"]
+  layer = 1
+  while f"w{layer}" in net:
+    h = jnp.matmul(jax.nn.relu(h), net[f"w{layer}"], precision=HIGHEST) + net[f"b{layer}"]
+    layer += 1
+  return h[..., 0]
+
+
+def accumulate_and_step(theta: Any, acc: Celo2Accumulators, grads: Any, params: Any,
+                        orthogonalize: bool = True) -> Tuple[Celo2Accumulators, Any]:
+  """Items 1-7 on every leaf: the updated accumulators and the unit-RMS steps.
+
+  ``grads`` and ``params`` share a structure; each step has its parameter's shape and is
+  float32 (positive direction: the caller subtracts it).
+  """
+  net = theta["ff_mod_stack"]["~"]
+  g = jax.tree.map(lambda x: jnp.clip(jnp.asarray(x, F32), -GRAD_CLIP, GRAD_CLIP), grads)
+  momentum = common.momentum_update(acc.momentum, g, MOMENTUM_DECAYS)
+  rms = common.rms_update(acc.rms, g, (RMS_DECAY,))
+  factored, fac_g = common.factored_update(acc.factored, g, ADAFACTOR_DECAYS)
+
+  def one(p, gg, m, v, fy, v_row, v_col):
+    shape = jnp.shape(p)
+    p32 = jnp.asarray(p, F32)
+    if not shape:  # a scalar is a length-1 vector (its factored state is "full" anyway)
+      p32, gg, m, v, fy = (jnp.reshape(x, (1,) + jnp.shape(x)) for x in (p32, gg, m, v, fy))
+    direction = _mlp_direction(net, _features(p32, gg, m, v, fy, v_row, v_col))
+    if orthogonalize and direction.ndim >= 2:
+      direction = newton_schulz(direction)
+    return jnp.reshape(rms_normalize(direction, direction.ndim), shape)
+
+  leaves, treedef = jax.tree.flatten(params)
+  parts = [treedef.flatten_up_to(t) for t in (g, momentum.m, rms.v, fac_g,
+                                              factored.v_row, factored.v_col)]
+  steps = [one(p, *rest) for p, *rest in zip(leaves, *parts)]
+  new = Celo2Accumulators(momentum=momentum, rms=rms, factored=factored,
+                          count=optax.safe_increment(acc.count))
+  return new, jax.tree.unflatten(treedef, steps)
+
+
+# ----------------------------------------------------------------------------- theta
+
+
+def init_theta(key: jax.Array, hidden_size: int = 8, hidden_layers: int = 2) -> Any:
+  """Theta in the released layout: first-layer blocks ``w0__i`` of shape
+  ``(GROUP_WIDTHS[i], hidden)``, ``w1..`` ``(hidden, hidden)``, the last ``(hidden, 3)``,
+  biases zero. Weights: truncated normal, stddev ``1/sqrt(fan_in)`` (fan-in 30 for every
+  first-layer block). The defaults give 347 numbers."""
+  keys = jax.random.split(key, len(GROUP_WIDTHS) + hidden_layers)
+  trunc = lambda k, shape, fan_in: (jax.random.truncated_normal(k, -2.0, 2.0, shape, F32)
+                                    / (_TRUNC_STD * np.sqrt(fan_in)))
+  net = {}
+  fan0 = sum(GROUP_WIDTHS)
+  for i, width in enumerate(GROUP_WIDTHS):
+    net[f"w0__{i}"] = trunc(keys[i], (width, hidden_size), fan0)
+  sizes = [hidden_size] * (hidden_layers - 1) + [3]
+  for layer, out in enumerate(sizes, start=1):
+    net[f"w{layer}"] = trunc(keys[len(GROUP_WIDTHS) + layer - 1], (hidden_size, out),
+                             hidden_size)
+  for layer, out in enumerate([hidden_size] + sizes):
+    net[f"b{layer}"] = jnp.zeros((out,), F32)
+  return {"ff_mod_stack": {"~": net}}
+
+
+def load_released_weights(path: Union[str, os.PathLike], hidden_size: int = 8,
+                          hidden_layers: int = 2) -> Any:
+  """Theta from the authors' ``theta.state`` (``flax.serialization.to_bytes`` of the nested
+  dict in the module docstring). The file is decoded as msgpack data only. A file of
+  another layout raises one ValueError naming every missing or extra key and wrong shape.
+  """
+  what = "Celo2 checkpoint"
+  tree = reference_thetas.read_msgpack_tree(path, what)
+  template = jax.eval_shape(lambda k: init_theta(k, hidden_size, hidden_layers),
+                            jax.random.key(0))
+  reference_thetas.check_layout(tree, template, os.fspath(path),
+                                f"{what} (hidden_size {hidden_size}, "
+                                f"hidden_layers {hidden_layers})")
+  return jax.tree.map(lambda t, x: jnp.asarray(x, F32), template, tree)
+
+
+def save_released_weights(path: Union[str, os.PathLike], theta: Any) -> None:
+  """Write theta in the released ``theta.state`` layout (the inverse of the loader)."""
+  blob = flax.serialization.to_bytes(jax.tree.map(np.asarray, jax.device_get(theta)))
+  with open(os.fspath(path), "wb") as f:
+    f.write(blob)
+
+
+# ----------------------------------------------------------------------------- optax
+
+
+def scale_by_celo2(theta: Any, orthogonalize: bool = True) -> optax.GradientTransformation:
+  """Celo2's learned rule (items 1-7) on every leaf, as an optax transformation.
+
+  ``update(grads, state, params)`` needs ``params`` and returns the raw, positive,
+  unit-RMS step (no learning rate, no sign), so the authors' usage ports as::
+
+    optax.chain(scale_by_celo2(theta), optax.add_decayed_weights(wd),
+                optax.scale_by_learning_rate(lr))
+
+  State: ``Celo2Accumulators`` (momenta, second moment, factored moments, int32 count).
+  """
+  def init_fn(params):
+    return accumulators_init(params)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("scale_by_celo2: Celo2 reads the parameters; call "
+                       "tx.update(grads, state, params).")
+    return accumulate_and_step(theta, state, updates, params, orthogonalize)[::-1]
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- LearnedOptimizer
+
+
+def key_path(path) -> str:
+  """'/'-joined keys of a jax key path (dict keys, attribute names, sequence indices)."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+@flax.struct.dataclass
+class Celo2State:
+  """params; state: model state passed through; learned: ``Celo2Accumulators`` over the
+  list of leaves the learned rule updates; adam_m / adam_v: momentum and RMS states over
+  the list of ``regex_1d`` leaves; num_steps: int32 inner run length given to ``init``;
+  iteration: int32 count of updates."""
+  params: Any
+  state: Any
+  learned: Celo2Accumulators
+  adam_m: common.MomentumState
+  adam_v: common.RMSState
+  num_steps: jax.Array
+  iteration: jax.Array
+
+
+class Celo2(lopt_base.LearnedOptimizer):
+  """Celo2 (``orthogonalize=True``) and Celo2-base (``False``); math in the module
+  docstring. ``regex_1d`` (e.g. ``"/b$"``) routes matching leaves to the Adam branch."""
+
+  def __init__(self, orthogonalize: bool = True, step_mult: float = 1e-3,
+               weight_decay: float = 0.0, regex_1d: Optional[str] = None,
+               hidden_size: int = 8, hidden_layers: int = 2):
+    if hidden_size <= 0 or hidden_layers < 1:
+      raise ValueError("Celo2: hidden_size must be positive and hidden_layers >= 1, got "
+                       f"{hidden_size}, {hidden_layers}.")
+    if regex_1d is not None:
+      try:
+        re.compile(regex_1d)
+      except re.error as e:
+        raise ValueError(f"Celo2: regex_1d {regex_1d!r} is not a valid regex: {e}.") from e
+    self.orthogonalize = bool(orthogonalize)
+    self.step_mult = float(step_mult)
+    self.weight_decay = float(weight_decay)
+    self.regex_1d = regex_1d
+    self.hidden_size = hidden_size
+    self.hidden_layers = hidden_layers
+    self.name = "Celo2" if orthogonalize else "Celo2Base"
+
+  def init(self, key):
+    return init_theta(key, self.hidden_size, self.hidden_layers)
+
+  def adam_mask(self, params) -> List[bool]:
+    """Per flattened leaf: True when its '/'-joined key path matches ``regex_1d``."""
+    paths = [key_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    if self.regex_1d is None:
+      return [False] * len(paths)
+    pattern = re.compile(self.regex_1d)
+    return [bool(pattern.search(p)) for p in paths]
+
+  def opt_fn(self, theta, is_training=False):
+    del is_training
+    lopt = self
+
+    def split(tree, mask):
+      leaves = jax.tree.leaves(tree)
+      return ([x for x, a in zip(leaves, mask) if not a], [x for x, a in zip(leaves, mask) if a])
+
+    class _Opt(opt_base.Optimizer):
+      name = lopt.name
+
+      def init(self, params, model_state=None, num_steps=None, key=None):
+        """Zero accumulators; ``num_steps`` (the inner run length) is stored, not needed."""
+        del key
+        learned, adam = split(params, lopt.adam_mask(params))
+        return Celo2State(
+            params=params, state=model_state, learned=accumulators_init(learned),
+            adam_m=common.momentum_init(adam, 1), adam_v=common.rms_init(adam, 1),
+            num_steps=jnp.asarray(-1 if num_steps is None else num_steps, jnp.int32),
+            iteration=jnp.asarray(0, jnp.int32))
+
+      def update(self, opt_state, grad, loss=None, model_state=None, key=None, **kw):
+        del loss, key, kw
+        params = opt_state.params
+        mask = lopt.adam_mask(params)
+        p_learned, p_adam = split(params, mask)
+        g_learned, g_adam = split(grad, mask)
+        learned, steps = accumulate_and_step(theta, opt_state.learned, g_learned, p_learned,
+                                             lopt.orthogonalize)
+        adam_m = common.momentum_update(opt_state.adam_m, g_adam, (ADAM_B1,))
+        adam_v = common.rms_update(opt_state.adam_v, g_adam, (ADAM_B2,))
+        adam_steps = [(m * jax.lax.rsqrt(v + ADAM_EPS))[..., 0]
+                      for m, v in zip(adam_m.m, adam_v.v)]
+
+        def apply(p, step, mult):
+          p32 = jnp.asarray(p, F32)
+          new = p32 - mult * step - lopt.weight_decay * mult * p32
+          return new.astype(jnp.asarray(p).dtype)
+
+        it_l, it_a = iter(zip(p_learned, steps)), iter(zip(p_adam, adam_steps))
+        new_leaves = [apply(*next(it_a), ADAM_MULT * lopt.step_mult) if a
+                      else apply(*next(it_l), lopt.step_mult) for a in mask]
+        new_params = jax.tree.unflatten(jax.tree.structure(params), new_leaves)
+        state = opt_state.state if model_state is None else model_state
+        return Celo2State(params=new_params, state=state, learned=learned, adam_m=adam_m,
+                          adam_v=adam_v, num_steps=opt_state.num_steps,
+                          iteration=opt_state.iteration + 1)
+
+    return _Opt()
+
+
+class Celo2Base(Celo2):
+  """Celo2-base: ``Celo2`` without the Newton-Schulz orthogonalisation (item 6)."""
+
+  def __init__(self, step_mult: float = 1e-3, weight_decay: float = 0.0,
+               regex_1d: Optional[str] = None, hidden_size: int = 8,
+               hidden_layers: int = 2):
+    super().__init__(orthogonalize=False, step_mult=step_mult, weight_decay=weight_decay,
+                     regex_1d=regex_1d, hidden_size=hidden_size, hidden_layers=hidden_layers)
