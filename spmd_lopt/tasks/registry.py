@@ -1,7 +1,12 @@
 """Tasks and task families by name, so a config can say ``task = "ImageMLP_Digits8_Relu32"``.
 
 ``get_task(name, **kwargs)``: every fixed task in ``tasks.fixed`` (kwargs such as
-``data_dir`` or ``batch_size`` go to its constructor).
+``data_dir`` or ``batch_size`` go to its constructor), including the Celo2 paper's set
+``ImageMLP_*_Relu32_B64`` (``fixed/celo2_set.py``).
+
+``get_task_set(name)``: the task names of ``"celo2"`` (the paper's four data sets),
+``"celo2_digits"`` (four offline tasks from the embedded digits) and ``"celo2_synthetic"``
+(four synthetic teacher tasks).
 
 ``get_task_family(name, **kwargs)``:
 - ``"quadratic"`` -> ``FixedDimQuadraticFamily(10)``; ``"FixedDimQuadraticFamily_<d>"``;
@@ -19,9 +24,10 @@ from __future__ import annotations
 import re
 
 from spmd_lopt.tasks import base, quadratics
-from spmd_lopt.tasks.fixed import conv, image_mlp
+from spmd_lopt.tasks.fixed import celo2_set, conv, image_mlp
 
-_TASKS = {**image_mlp.TASKS, **conv.TASKS}
+_TASKS = {**image_mlp.TASKS, **conv.TASKS, **celo2_set.TASKS}
+TASK_SETS = dict(celo2_set.TASK_SETS)
 
 
 def _parametric_digits8(**kwargs):
@@ -47,6 +53,19 @@ def task_names() -> tuple[str, ...]:
 def task_family_names() -> tuple[str, ...]:
   return (tuple(_FAMILIES) + ("FixedDimQuadraticFamily_<dim>", "NoisyQuadraticFamily_<dim>")
           + task_names())
+
+
+def task_set_names() -> tuple[str, ...]:
+  return tuple(sorted(TASK_SETS))
+
+
+def get_task_set(name: str) -> tuple[str, ...]:
+  """The task names of a named set (``"celo2"``, ``"celo2_digits"``, ``"celo2_synthetic"``):
+  one estimator per task, as the paper meta-trains."""
+  if name not in TASK_SETS:
+    raise ValueError(f"Unknown task set {name!r}. Known task sets: "
+                     f"{', '.join(task_set_names())}.")
+  return TASK_SETS[name]
 
 
 def get_task(name: str, **kwargs) -> base.Task:
