@@ -142,9 +142,9 @@ def test_sample_fixed_tasks_family(other, digits_mlp):
     assert all(np.abs(np.asarray(x[0])).max() == 0 for x in jax.tree.leaves(grads[1]))
 
 
-def test_noisy_quadratic_family():
-  fam = quadratics.NoisyQuadraticFamily(dim=6, max_condition=50.0, min_noise=0.1,
-                                        max_noise=0.5)
+def test_rotated_noisy_quadratic_family():
+  fam = quadratics.RotatedNoisyQuadraticFamily(dim=6, max_condition=50.0, min_noise=0.1,
+                                               max_noise=0.5)
   base.check_task_family(fam, jax.random.key(0))
   tps = jax.jit(jax.vmap(fam.sample))(jax.random.split(jax.random.key(1), 16))
   assert _structure(jax.tree.map(lambda x: x[0], tps)) == _structure(

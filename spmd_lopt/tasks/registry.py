@@ -10,7 +10,11 @@
 
 ``get_task_family(name, **kwargs)``:
 - ``"quadratic"`` -> ``FixedDimQuadraticFamily(10)``; ``"FixedDimQuadraticFamily_<d>"``;
-- ``"noisy_quadratic"`` -> ``NoisyQuadraticFamily(10)``; ``"NoisyQuadraticFamily_<d>"``;
+- ``"FixedDimQuadraticFamilyData_<d>"`` (host-fed noise batches, as the reference);
+- ``"noisy_quadratic"`` -> ``RotatedNoisyQuadraticFamily(10)``;
+  ``"RotatedNoisyQuadraticFamily_<d>"``;
+- ``"NoisyQuadraticFamily_<d>"`` -> the reference's ``NoisyQuadraticFamily(d, cov)`` with
+  ``cov = 0.1`` unless given;
 - ``"ParametricImageMLP_Digits8"`` -> ``ParametricImageMLP`` on the embedded digits;
 - any fixed task name -> that task wrapped by ``base.single_task_to_family``.
 
@@ -37,12 +41,15 @@ def _parametric_digits8(**kwargs):
 
 _FAMILIES = {
     "quadratic": lambda **kw: quadratics.FixedDimQuadraticFamily(**kw),
-    "noisy_quadratic": lambda **kw: quadratics.NoisyQuadraticFamily(**kw),
+    "noisy_quadratic": lambda **kw: quadratics.RotatedNoisyQuadraticFamily(**kw),
     "ParametricImageMLP_Digits8": _parametric_digits8,
 }
 _PATTERNS = {
     r"FixedDimQuadraticFamily_(\d+)": quadratics.FixedDimQuadraticFamily,
-    r"NoisyQuadraticFamily_(\d+)": quadratics.NoisyQuadraticFamily,
+    r"FixedDimQuadraticFamilyData_(\d+)": quadratics.FixedDimQuadraticFamilyData,
+    r"RotatedNoisyQuadraticFamily_(\d+)": quadratics.RotatedNoisyQuadraticFamily,
+    r"NoisyQuadraticFamily_(\d+)": lambda dim, cov=0.1: quadratics.NoisyQuadraticFamily(
+        dim, cov),
 }
 
 
@@ -51,7 +58,7 @@ def task_names() -> tuple[str, ...]:
 
 
 def task_family_names() -> tuple[str, ...]:
-  return (tuple(_FAMILIES) + ("FixedDimQuadraticFamily_<dim>", "NoisyQuadraticFamily_<dim>")
+  return (tuple(_FAMILIES) + tuple(p.replace(r"(\d+)", "<dim>") for p in _PATTERNS)
           + task_names())
 
 
