@@ -43,6 +43,8 @@ def test_batch_quadratic_task_has_host_iterators():
 def test_fixed_dim_quadratic_family_data():
   fam = quadratics.FixedDimQuadraticFamilyData(5)
   base.check_task_family(fam, jax.random.key(0))  # uses abstract_batch for the data
+  t = fam.sample_task(jax.random.key(2))  # the reference's shortcut
+  np.testing.assert_array_equal(t._center, fam.sample(jax.random.key(2)))
   c = fam.sample(jax.random.key(2))
   assert c.shape == (5,)
   task = fam.task_fn(c)

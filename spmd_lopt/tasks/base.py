@@ -99,6 +99,10 @@ class TaskFamily:
   def eval_task_fn(self, task_param: TaskParam) -> Task:
     return self.task_fn(task_param)
 
+  def sample_task(self, key: PRNGKey) -> Task:
+    """``task_fn(sample(key))``, as the reference."""
+    return self.task_fn(self.sample(key))
+
 
 class _SingleTaskFamily(TaskFamily):
 
