@@ -36,6 +36,7 @@ def test_parametric_mlp_samples_fixed_structure(mlp_family):
     ParametricImageMLP(activations=["swish2"])
 
 
+@pytest.mark.slow  # ~10 s CPU (compiles three switched nets); the step test covers slot 0
 def test_parametric_mlp_slots_have_the_narrow_shapes_and_only_one_is_used(mlp_family):
   cfgs = ImageMLPConfig(architecture=jnp.arange(3, dtype=jnp.int32),
                         activation=jnp.zeros(3, jnp.int32))

@@ -79,10 +79,10 @@ def test_reference_noisy_quadratic_family():
   np.testing.assert_allclose(task.loss(p, jax.random.key(3), None), clean, rtol=1e-5)
   # gradient = clean gradient + 0.5 * z, z ~ N(0, I) from the loss key
   grads = jax.jit(jax.vmap(lambda k: jax.grad(task.loss)(p, k, None)))(
-      jax.random.split(jax.random.key(4), 4000))
+      jax.random.split(jax.random.key(4), 2000))
   clean_grad = -2 * scale[0] ** 2 * (center[0] - p)
   np.testing.assert_allclose(np.mean(grads, 0), clean_grad, atol=0.05)
-  np.testing.assert_allclose(np.std(grads, 0), 0.5, rtol=0.06)
+  np.testing.assert_allclose(np.std(grads, 0), 0.5, rtol=0.08)  # 2000 draws: se 1.6%
   with pytest.raises(ValueError, match="cov"):
     quadratics.NoisyQuadraticFamily(4, cov=-1.0)
 
