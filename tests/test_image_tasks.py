@@ -202,6 +202,12 @@ def test_paper_tasks_start_like_haikus_linear_init():
   assert celo2_set.BATCH_SIZE == 64
 
 
+def test_task_parameters_are_public():
+  assert registry.task_parameters("ImageMLP_Mnist8_Relu32_B64") == ("data_dir", "batch_size")
+  assert registry.task_parameters("ImageMLP_Digits8Inverted_Relu32_B64") == ("batch_size",)
+  assert "data_dir" not in registry.task_parameters("ImageMLP_Synthetic8s2_Relu32_B64")
+
+
 def test_unknown_task_set_lists_known():
   with pytest.raises(ValueError, match="celo2_digits"):
     registry.get_task_set("celo3")

@@ -25,6 +25,7 @@ task is built, so a real-data task whose files are missing raises
 
 from __future__ import annotations
 
+import inspect
 import re
 
 from spmd_lopt.tasks import base, quadratics
@@ -73,6 +74,14 @@ def get_task_set(name: str) -> tuple[str, ...]:
     raise ValueError(f"Unknown task set {name!r}. Known task sets: "
                      f"{', '.join(task_set_names())}.")
   return TASK_SETS[name]
+
+
+def task_parameters(name: str) -> tuple[str, ...]:
+  """The keyword arguments task ``name``'s builder takes (e.g. ``("data_dir",
+  "batch_size")``), so a config can pass only what a task accepts."""
+  if name not in _TASKS:
+    raise ValueError(f"Unknown task {name!r}. Known tasks: {', '.join(task_names())}.")
+  return tuple(inspect.signature(_TASKS[name]).parameters)
 
 
 def get_task(name: str, **kwargs) -> base.Task:
