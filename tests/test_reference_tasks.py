@@ -161,3 +161,31 @@ def test_augmentation_keeps_the_host_datasets():
   task = fam.task_fn(fam.sample(jax.random.key(0)))
   assert task.datasets is quadratics.noise_datasets()
   base.check_task_family(fam, jax.random.key(0))
+
+
+@pytest.mark.parametrize("make", [quadratics.QuadraticTask, quadratics.BatchQuadraticTask])
+def test_smoketest_task_passes_on_reference_style_tasks(make):
+  from spmd_lopt.tasks import test_utils
+  test_utils.smoketest_task(make())
+  test_utils.smoketest_task(make(), abstract_data=False)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: quadratics.FixedDimQuadraticFamily(10),
+    lambda: quadratics.FixedDimQuadraticFamilyData(10),
+    lambda: quadratics.NoisyQuadraticFamily(10, 0.1),
+    lambda: augmentation.ReparamWeightsFamily(quadratics.FixedDimQuadraticFamilyData(3))])
+def test_smoketest_task_family_passes(make):
+  from spmd_lopt.tasks import test_utils
+  test_utils.smoketest_task_family(make())
+
+
+def test_smoketest_catches_a_broken_task():
+  from spmd_lopt.tasks import test_utils
+
+  class Broken(quadratics.QuadraticTask):
+    def loss(self, params, key, data):
+      return params  # not a scalar: grad must fail
+
+  with pytest.raises(TypeError):
+    test_utils.smoketest_task(Broken())
