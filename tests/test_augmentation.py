@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spmd_lopt.tasks import augmentation, quadratics, task_augmentation
+from spmd_lopt.tasks import augmentation, datasets_base, quadratics, task_augmentation
+from spmd_lopt.tasks import base as base_lib
+from spmd_lopt.tasks import test_utils
 from spmd_lopt.tasks.fixed import image_mlp
 
 from helpers import learner, pes_estimator
@@ -87,3 +89,65 @@ def test_same_global_task_draws_same_scale_on_1_and_8_devices(devices):
   assert scales[1].shape == (16,)
   assert len(np.unique(scales[1])) == 16  # every task its own scale
   np.testing.assert_array_equal(scales[1], scales[8])
+
+
+class _TwoVectorTask(base_lib.Task):
+  """Reference-style task: assigns host ``datasets`` in ``__init__``; params two ones(2)."""
+
+  def __init__(self):
+    self.datasets = datasets_base.Datasets(*(iter(lambda: np.ones(8, np.int32), None)
+                                             for _ in range(4)),
+                                           abstract_batch=jax.ShapeDtypeStruct((8,), jnp.int32))
+
+  def init(self, key):
+    return (jnp.ones(2), jnp.ones(2))
+
+  def loss(self, params, key, data):
+    return jnp.sum(params[0] + params[1])
+
+
+class _TwoVectorFamily(base_lib.TaskFamily):
+
+  def __init__(self):
+    self.datasets = _TwoVectorTask().datasets
+
+  def sample(self, key):
+    return {"cfg": 123}
+
+  def task_fn(self, cfg):
+    return _TwoVectorTask()
+
+
+@pytest.mark.parametrize("scale,first,second", [
+    (2.0, [0.5, 0.5], [0.5, 0.5]),
+    ((2.0, 0.5), [0.5, 0.5], [2.0, 2.0]),
+    ((jnp.asarray([2.0, 0.5]), 0.5), [0.5, 2.0], [2.0, 2.0])])
+def test_reparam_weights_task_with_scalar_tuple_and_array_scales(scale, first, second):
+  task = augmentation.ReparamWeights(_TwoVectorTask(), scale)
+  key = jax.random.PRNGKey(0)  # the reference's raw keys work too
+  w = task.init(key)
+  np.testing.assert_allclose(w[0], first)
+  np.testing.assert_allclose(w[1], second)
+  np.testing.assert_allclose(task.loss(w, key, None), 4.0)  # same function value
+  assert task.datasets.abstract_batch.shape == (8,)
+  test_utils.smoketest_task(task)
+
+
+def test_family_levels_share_or_split_scales_as_the_reference():
+  fam = _TwoVectorFamily()
+  g = augmentation.ReparamWeightsFamily(fam, "global", (1.0, 100.0))
+  p0 = g.sample_task(jax.random.PRNGKey(0)).init(jax.random.PRNGKey(0))
+  p1 = g.sample_task(jax.random.PRNGKey(1)).init(jax.random.PRNGKey(0))
+  assert float(p0[0][0]) == float(p0[0][1]) == float(p0[1][0])
+  assert float(np.sum((p0[0] - p1[0]) ** 2)) > 1e-3
+  t = augmentation.ReparamWeightsFamily(fam, "tensor", (1e-3, 10.0))
+  p = t.sample_task(jax.random.PRNGKey(0)).init(jax.random.PRNGKey(0))
+  assert float(p[0][0]) == float(p[0][1]) and float(p[1][0]) == float(p[1][1])
+  assert (float(p[0][0]) - float(p[1][0])) ** 2 > 1e-3
+  e = augmentation.ReparamWeightsFamily(fam, "parameter", (1e-3, 10.0))
+  task = e.sample_task(jax.random.PRNGKey(0))
+  p = task.init(jax.random.PRNGKey(0))
+  assert (float(p[0][0]) - float(p[0][1])) ** 2 > 1e-3
+  # the scales belong to the sampled task, not to the init key
+  assert float(task.init(jax.random.PRNGKey(1))[0][0]) == float(p[0][0])
+  test_utils.smoketest_task_family(e)

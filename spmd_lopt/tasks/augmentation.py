@@ -39,10 +39,12 @@ LEVELS = ("global", "tensor", "parameter")
 
 
 def _scale_tree(params, scales, op):
-  """``op(p, s)`` leaf by leaf; ``scales`` is a scalar or a tree matching ``params``."""
-  if isinstance(scales, jax.Array) and scales.ndim == 0 or not jax.tree.leaves(params):
-    return jax.tree.map(lambda p: op(p, scales.astype(p.dtype)), params)
-  return jax.tree.map(lambda p, s: op(p, s.astype(p.dtype)), params, scales)
+  """``op(p, s)`` leaf by leaf; ``scales`` is one scalar or a tree with the structure of
+  ``params`` whose leaves (numbers or arrays) broadcast against the parameters."""
+  if isinstance(scales, (int, float)) or (isinstance(scales, jax.Array)
+                                          and scales.ndim == 0):
+    return jax.tree.map(lambda p: op(p, jnp.asarray(scales, p.dtype)), params)
+  return jax.tree.map(lambda p, s: op(p, jnp.asarray(s, p.dtype)), params, scales)
 
 
 class ReparamWeights(base.Task):
@@ -52,8 +54,7 @@ class ReparamWeights(base.Task):
 
   def __init__(self, task: base.Task, param_scale: Any):
     self.task = task
-    self.param_scale = (jnp.asarray(param_scale, jnp.float32)
-                        if isinstance(param_scale, (int, float)) else param_scale)
+    self.param_scale = param_scale
     self.name = f"ReparamWeights_{task.name or type(task).__name__}"
 
   @property

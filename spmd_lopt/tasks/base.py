@@ -71,9 +71,9 @@ class Task:
     """Map a raw loss to the meta-loss scale (identity by default)."""
     return loss
 
-  @property
-  def datasets(self):
-    return None
+  # None, an on-device data set, or the reference's host ``datasets_base.Datasets``; a
+  # plain attribute so reference-style tasks can assign it in ``__init__``.
+  datasets: Any = None
 
 
 class TaskFamily:
@@ -92,9 +92,9 @@ class TaskFamily:
   def task_fn(self, task_param: TaskParam) -> Task:
     raise NotImplementedError
 
-  @property
-  def datasets(self):
-    return None
+  # None, an on-device data set, or the reference's host ``datasets_base.Datasets``; a
+  # plain attribute so reference-style tasks can assign it in ``__init__``.
+  datasets: Any = None
 
   def eval_task_fn(self, task_param: TaskParam) -> Task:
     return self.task_fn(task_param)
