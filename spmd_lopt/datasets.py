@@ -9,6 +9,14 @@ Sources
   ``<data_dir>/mnist/`` and ``<data_dir>/fashion_mnist/``.
 - ``cifar10``: the python pickles ``data_batch_1..5`` and ``test_batch`` under
   ``<data_dir>/cifar-10-batches-py/`` (what ``cifar-10-python.tar.gz`` unpacks to).
+- ``svhn_cropped``: ``train_32x32.mat`` and ``test_32x32.mat`` (SVHN "Format 2", 32x32x3)
+  under ``<data_dir>/svhn_cropped/``, read with scipy; digit 0 (stored as 10) becomes 0.
+  The whole official train split is used (Celo/Celo2's loader kept only its first 1%,
+  a ``min`` where ``max`` was meant; we do not reproduce that).
+- ``digits8_variant_datasets(variant)``: four distinct tasks derived from the embedded
+  digits (plain, inverted, pixel-permuted, label-permuted), for the offline task set.
+- ``synthetic_datasets()``: random images labelled by a fixed random teacher net, with a
+  real set's shapes (for benchmarks; no files).
 - If the files are absent and ``tensorflow_datasets`` is importable, the same data set is
   read from TFDS's own cache (never downloaded here). TFDS is optional.
 
@@ -21,7 +29,9 @@ Pre-processing (as the reference, ``learned_optimization.tasks.datasets.image``)
 Pixels ``x`` in ``[0, 255]`` (``[0, 16]`` for digits) become ``x / 255`` (``x / 16``) in
 ``[0, 1]``. With ``image_size=(h, w)`` different from the native size, images are resized
 with bilinear interpolation, half-pixel centres and no anti-aliasing (what TF2's
-``tf.image.resize(..., "bilinear")`` does; ``resize_bilinear`` below). Images are NHWC
+``tf.image.resize(..., "bilinear")`` does; ``resize_bilinear`` below). ``grayscale=True``
+turns RGB into one channel ``0.2989 R + 0.5870 G + 0.1140 B`` (``tf.image.rgb_to_grayscale``'s
+weights) after resizing. Images are NHWC
 float32 ``[B, h, w, C]``; labels int32 ``[B]``.
 
 Splits: with ``N`` the size of the official training set, ``train = train[0 : 8N/10]``,
@@ -78,7 +88,7 @@ import gzip
 import os
 import pickle
 import struct
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax
 import jax
@@ -90,6 +100,7 @@ SPLITS = ("train", "inner_valid", "outer_valid", "test")
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 
 _SOURCES = {
     # name: (sub-directory, files, download URL(s), tfds name, num_classes)
@@ -103,6 +114,9 @@ _SOURCES = {
     "cifar10": ("cifar-10-batches-py", CIFAR10_FILES,
                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (unpack it in "
                 "the data directory: it creates cifar-10-batches-py/)", "cifar10", 10),
+    "svhn_cropped": ("svhn_cropped", SVHN_FILES,
+                     "http://ufldl.stanford.edu/housenumbers/<file> (the cropped-digits "
+                     "'Format 2' files; extra_32x32.mat is not used)", "svhn_cropped", 10),
 }
 
 _DIGITS_PATH = os.path.join(os.path.dirname(__file__), "data", "digits8.npz")
@@ -119,7 +133,7 @@ def default_data_dir() -> str:
 
 
 def available_datasets() -> tuple[str, ...]:
-  return ("digits8",) + tuple(_SOURCES)
+  return ("digits8",) + tuple(_SOURCES) + ("synthetic",)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -194,6 +208,35 @@ def _load_cifar10(directory: str):
           xte, yte)
 
 
+def _load_svhn(directory: str):
+  """SVHN cropped digits, MATLAB files: ``X`` uint8[32, 32, 3, n] and ``y`` [n, 1] with
+  digit 0 stored as label 10 (mapped to 0 here, as TFDS's ``svhn_cropped``). Read with
+  ``scipy.io.loadmat`` (scipy is needed only for this data set)."""
+  try:
+    from scipy import io as sio
+  except ImportError:
+    raise ImportError("Reading SVHN's .mat files needs scipy (pip install scipy).") from None
+
+  def read(filename):
+    path = os.path.join(directory, filename)
+    try:
+      d = sio.loadmat(path)
+    except Exception as e:  # not a MATLAB file, truncated download, ...
+      raise ValueError(f"{path}: not a readable SVHN .mat file "
+                       f"({type(e).__name__}: {e}).") from None
+    if "X" not in d or "y" not in d or d["X"].ndim != 4 or d["X"].shape[:3] != (32, 32, 3):
+      raise ValueError(f"{path}: expected 'X' uint8[32, 32, 3, n] and 'y' [n, 1].")
+    x = np.ascontiguousarray(np.transpose(d["X"], (3, 0, 1, 2)), np.uint8)
+    y = np.asarray(d["y"]).reshape(-1).astype(np.int64) % 10
+    if x.shape[0] != y.shape[0]:
+      raise ValueError(f"{path}: {x.shape[0]} images but {y.shape[0]} labels.")
+    return x, y
+
+  xtr, ytr = read(SVHN_FILES[0])
+  xte, yte = read(SVHN_FILES[1])
+  return xtr, ytr, xte, yte
+
+
 def _load_tfds(tfds_name: str):
   import tensorflow_datasets as tfds  # optional; only imported when files are missing
   out = []
@@ -209,6 +252,8 @@ def load_raw(name: str, data_dir: Optional[str] = None):
   Images are uint8 NHWC at native size; labels int64. For ``digits8`` the test pair is
   empty (the split is made in ``_split``).
   """
+  if name == "synthetic":
+    raise ValueError("'synthetic' has no files; use synthetic_datasets().")
   if name == "digits8":
     with np.load(_DIGITS_PATH) as z:
       x, y = z["images"][..., None], z["labels"].astype(np.int64)
@@ -220,8 +265,8 @@ def load_raw(name: str, data_dir: Optional[str] = None):
   directory = os.path.join(data_dir, sub)
   missing = [f for f in files if _find(directory, f) is None]
   if not missing:
-    return _load_idx_dataset(name, directory) if name != "cifar10" else _load_cifar10(
-        directory)
+    readers = {"cifar10": _load_cifar10, "svhn_cropped": _load_svhn}
+    return readers.get(name, functools.partial(_load_idx_dataset, name))(directory)
   try:
     import tensorflow_datasets  # noqa: F401
   except ImportError:
@@ -281,15 +326,27 @@ def _split(name: str, xtr, ytr, xte, yte) -> dict[str, tuple[np.ndarray, np.ndar
           "outer_valid": (xtr[b:], ytr[b:]), "test": (xte, yte)}
 
 
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # ITU-R 601 luma, as tf.image.rgb_to_grayscale
+
+
+def to_grayscale(images: np.ndarray) -> np.ndarray:
+  """NHWC RGB -> NHW1: ``0.2989 R + 0.5870 G + 0.1140 B`` (float32)."""
+  if images.shape[-1] != 3:
+    raise ValueError(f"to_grayscale needs 3 channels, got shape {images.shape}.")
+  w = np.asarray(GRAY_WEIGHTS, np.float32)
+  return np.einsum("nhwc,c->nhw", images.astype(np.float32), w)[..., None]
+
+
 @functools.lru_cache(maxsize=16)
-def _prepared(name: str, data_dir: Optional[str], image_size: Optional[tuple[int, int]]):
+def _prepared(name: str, data_dir: Optional[str], image_size: Optional[tuple[int, int]],
+              grayscale: bool = False):
   """Host arrays per split, pre-processed, cached: ``(arrays, scale, num_classes)``."""
   xtr, ytr, xte, yte = load_raw(name, data_dir)
   max_value = 16.0 if name == "digits8" else 255.0
   native = tuple(xtr.shape[1:3])
   splits = _split(name, xtr, ytr, xte, yte)
   out = {}
-  if image_size is None or tuple(image_size) == native:
+  if (image_size is None or tuple(image_size) == native) and not grayscale:
     # integer pixels: keep uint8 on device, scale after the gather
     scale = 1.0 / max_value
     for k, (x, y) in splits.items():
@@ -297,7 +354,11 @@ def _prepared(name: str, data_dir: Optional[str], image_size: Optional[tuple[int
   else:
     scale = 1.0
     for k, (x, y) in splits.items():
-      out[k] = (resize_bilinear(x, image_size) / np.float32(max_value), y.astype(np.int32))
+      if image_size is not None and tuple(image_size) != native:
+        x = resize_bilinear(x, image_size)
+      if grayscale and x.shape[-1] == 3:  # resize and luma are linear: order is free
+        x = to_grayscale(x)
+      out[k] = (x.astype(np.float32) / np.float32(max_value), y.astype(np.int32))
   num_classes = 10
   return out, scale, num_classes
 
@@ -306,11 +367,12 @@ def clear_cache() -> None:
   """Drop cached host and device arrays (e.g. after replacing files in ``data_dir``)."""
   _prepared.cache_clear()
   _on_device.cache_clear()
+  _synthetic_host.cache_clear()
 
 
 @functools.lru_cache(maxsize=16)
-def _on_device(name, data_dir, image_size):
-  arrays, scale, num_classes = _prepared(name, data_dir, image_size)
+def _on_device(name, data_dir, image_size, grayscale=False):
+  arrays, scale, num_classes = _prepared(name, data_dir, image_size, grayscale)
   images = {k: jnp.asarray(x) for k, (x, _) in arrays.items()}
   labels = {k: jnp.asarray(y) for k, (_, y) in arrays.items()}
   return images, labels, scale, num_classes
@@ -339,10 +401,6 @@ class ImageDataset:
     return tuple(self.images["train"].shape[1:])
 
   @property
-  def extra_info(self) -> dict[str, Any]:
-    return {"num_classes": self.num_classes}
-
-  @property
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     return {"image": jax.ShapeDtypeStruct((self.batch_size,) + self.image_shape,
                                           jnp.float32),
@@ -365,27 +423,28 @@ class ImageDataset:
       image = image * jnp.float32(self.image_scale)
     return {"image": image, "label": jnp.take(y, idx, axis=0)}
 
-  def with_batch_size(self, batch_size: int) -> "ImageDataset":
-    return self.replace(batch_size=int(batch_size))
-
 
 def image_dataset(name: str, batch_size: int = 128,
                   image_size: Optional[Sequence[int]] = None,
-                  data_dir: Optional[str] = None) -> ImageDataset:
+                  data_dir: Optional[str] = None, grayscale: bool = False) -> ImageDataset:
   """Load (cached), pre-process and place ``name`` on device; see the module docstring.
 
-  name: ``"digits8"``, ``"mnist"``, ``"fashion_mnist"`` or ``"cifar10"``.
+  name: ``"digits8"``, ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"`` or
+  ``"svhn_cropped"``.
   image_size: ``(h, w)`` to resize to, or ``None`` for the native size.
+  grayscale: convert RGB to one luma channel (``to_grayscale``) after resizing.
   """
-  if name not in available_datasets():
-    raise ValueError(f"Unknown data set {name!r}; known: {available_datasets()}.")
+  if name not in available_datasets() or name == "synthetic":
+    raise ValueError(f"Unknown data set {name!r}; known: {available_datasets()[:-1]} "
+                     "(and synthetic_datasets() for 'synthetic').")
   if name != "digits8":
     data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
   else:
     data_dir = None
   size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
-  images, labels, scale, num_classes = _on_device(name, data_dir, size)
+  images, labels, scale, num_classes = _on_device(name, data_dir, size, bool(grayscale))
   tag = name if size is None else f"{name}_{size[0]}x{size[1]}"
+  tag = tag + "_gray" if grayscale else tag
   return ImageDataset(images=dict(images), labels=dict(labels), name=tag,
                       batch_size=int(batch_size), num_classes=num_classes,
                       image_scale=scale)
@@ -409,5 +468,107 @@ def fashion_mnist_datasets(batch_size: int = 128,
 
 
 def cifar10_datasets(batch_size: int = 128, image_size: Optional[Sequence[int]] = None,
-                     data_dir: Optional[str] = None) -> ImageDataset:
-  return image_dataset("cifar10", batch_size, image_size, data_dir)
+                     data_dir: Optional[str] = None, grayscale: bool = False) -> ImageDataset:
+  return image_dataset("cifar10", batch_size, image_size, data_dir, grayscale)
+
+
+def svhn_cropped_datasets(batch_size: int = 128,
+                          image_size: Optional[Sequence[int]] = None,
+                          data_dir: Optional[str] = None,
+                          grayscale: bool = False) -> ImageDataset:
+  """SVHN cropped digits (73,257 train / 26,032 test 32x32x3) from ``train_32x32.mat`` and
+  ``test_32x32.mat``; the whole official train split is used (see the module docstring
+  for the splits)."""
+  return image_dataset("svhn_cropped", batch_size, image_size, data_dir, grayscale)
+
+
+# ------------------------------------------------------ offline variants of the digits
+
+DIGITS8_VARIANTS = ("plain", "inverted", "pixel_permuted", "label_permuted")
+_VARIANT_SEED = 20260211  # fixed: the permutations are part of the task definition
+
+
+@functools.lru_cache(maxsize=8)
+def _digits8_variant_arrays(variant: str):
+  images, labels, scale, num_classes = _on_device("digits8", None, None, False)
+  rng = np.random.default_rng(_VARIANT_SEED)
+  pixel_perm = rng.permutation(64)
+  label_perm = rng.permutation(10)
+  if variant == "plain":
+    return images, labels
+  if variant == "inverted":
+    return {k: jnp.uint8(16) - x for k, x in images.items()}, labels
+  if variant == "pixel_permuted":
+    return {k: x.reshape(-1, 64, 1)[:, pixel_perm].reshape(x.shape)
+            for k, x in images.items()}, labels
+  return images, {k: jnp.asarray(label_perm, jnp.int32)[y] for k, y in labels.items()}
+
+
+def digits8_variant_datasets(variant: str, batch_size: int = 128) -> ImageDataset:
+  """The embedded digits transformed into a distinct task (all 8x8x1, 10 classes).
+
+  ``"plain"``: as is. ``"inverted"``: ``x -> 16 - x`` (bright background; every pixel's
+  mean and the sign of its correlation with the label flip). ``"pixel_permuted"``: one
+  fixed random permutation of the 64 pixels (same statistics per image, no spatial
+  locality). ``"label_permuted"``: one fixed random permutation of the 10 labels (same
+  inputs, another input-output map). The permutations come from a fixed seed, so the
+  tasks are the same in every process and every run.
+  """
+  if variant not in DIGITS8_VARIANTS:
+    raise ValueError(f"Unknown digits8 variant {variant!r}; known: {DIGITS8_VARIANTS}.")
+  images, labels = _digits8_variant_arrays(variant)
+  _, _, scale, num_classes = _on_device("digits8", None, None, False)
+  tag = "digits8" if variant == "plain" else f"digits8_{variant}"
+  return ImageDataset(images=dict(images), labels=dict(labels), name=tag,
+                      batch_size=int(batch_size), num_classes=num_classes,
+                      image_scale=scale)
+
+
+# ----------------------------------------------------------------- synthetic data
+
+
+@functools.lru_cache(maxsize=8)
+def _synthetic_host(image_shape: tuple[int, ...], num_classes: int, num_train: int,
+                    num_test: int, seed: int):
+  """uint8 images ``U{0..255}`` and teacher labels, split like a real set."""
+  rng = np.random.default_rng(seed)
+  n = num_train + num_test
+  x = rng.integers(0, 256, (n,) + image_shape, dtype=np.uint8)
+  # teacher: a fixed random 2-layer ReLU net on the centred image; label = argmax
+  d = int(np.prod(image_shape))
+  w1 = rng.normal(0.0, 1.0 / np.sqrt(d), (d, 64)).astype(np.float32)
+  w2 = rng.normal(0.0, 1.0 / 8.0, (64, num_classes)).astype(np.float32)
+  z = x.reshape(n, d).astype(np.float32) / 255.0 - 0.5
+  logits = np.maximum(z @ w1, 0.0) @ w2
+  # standardise each class's logit over the data so no class dominates the argmax
+  logits = (logits - logits.mean(0)) / (logits.std(0) + 1e-6)
+  y = np.argmax(logits, axis=-1).astype(np.int64)
+  return _split("synthetic", x[:num_train], y[:num_train], x[num_train:], y[num_train:])
+
+
+def synthetic_datasets(batch_size: int = 128, image_shape: Sequence[int] = (8, 8, 1),
+                       num_classes: int = 10, num_train: int = 60_000,
+                       num_test: int = 10_000, seed: int = 0) -> ImageDataset:
+  """Random images with labels from a fixed random teacher, with a real set's shapes.
+
+  ``x ~ U{0..255}^{H x W x C} / 255``; ``z = relu((x - 1/2) W1) W2`` with
+  ``W1 ~ N(0, 1/HWC)^{HWC x 64}``, ``W2 ~ N(0, 1/64)^{64 x K}`` drawn once from ``seed``;
+  ``label = argmax_k (z_k - mean(z_k)) / std(z_k)`` (moments over the whole set, so the
+  classes are roughly balanced).
+  The defaults mirror (Fashion-)MNIST at 8x8: 60,000 train images split 80/10/10 into
+  train/inner_valid/outer_valid and 10,000 test, stored uint8 on device (4.5 MB). For
+  benchmarks: same per-iteration shapes and costs as the real sets, no files needed;
+  the task is learnable (the teacher's labels are a deterministic function of x).
+  """
+  shape = tuple(int(v) for v in image_shape)
+  if len(shape) != 3 or min(shape) < 1 or num_classes < 2 or num_train < 10 or num_test < 1:
+    raise ValueError("synthetic_datasets: need image_shape (H, W, C) of positive ints, "
+                     f"num_classes >= 2, num_train >= 10, num_test >= 1; got {image_shape}, "
+                     f"{num_classes}, {num_train}, {num_test}.")
+  splits = _synthetic_host(shape, int(num_classes), int(num_train), int(num_test),
+                           int(seed))
+  return ImageDataset(images={k: jnp.asarray(x) for k, (x, _) in splits.items()},
+                      labels={k: jnp.asarray(y, jnp.int32) for k, (_, y) in splits.items()},
+                      name=f"synthetic_{shape[0]}x{shape[1]}x{shape[2]}_s{seed}",
+                      batch_size=int(batch_size), num_classes=int(num_classes),
+                      image_scale=1.0 / 255.0)

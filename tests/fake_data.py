@@ -64,3 +64,20 @@ def write_cifar10(data_dir, n_per_batch=40, n_test=40, seed=0):
                    b"batch_label": name.encode()}, f)
     out.append((x, y))
   return out
+
+
+def write_svhn(data_dir, n_train=200, n_test=40, seed=0):
+  """``<data_dir>/svhn_cropped/{train,test}_32x32.mat``: ``X`` uint8[32, 32, 3, n] and
+  ``y`` uint8[n, 1] with digit 0 stored as 10, as the real files (MATLAB v5)."""
+  from scipy import io as sio
+  rng = np.random.default_rng(seed)
+  d = os.path.join(data_dir, "svhn_cropped")
+  os.makedirs(d, exist_ok=True)
+  out = []
+  for name, n in (("train_32x32.mat", n_train), ("test_32x32.mat", n_test)):
+    y = rng.integers(0, 10, n)
+    x = class_images(y, 32, 3, rng)  # NHWC
+    stored = np.where(y == 0, 10, y).astype(np.uint8)[:, None]
+    sio.savemat(os.path.join(d, name), {"X": np.transpose(x, (1, 2, 3, 0)), "y": stored})
+    out.append((x, y))
+  return out

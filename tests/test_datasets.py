@@ -132,3 +132,78 @@ def test_dataset_as_jit_argument_stays_out_of_the_program():
   assert len(closed) > len(as_arg) + 1260 * 64
   np.testing.assert_array_equal(jax.jit(lambda d, k: d.sample_batch(k))(ds, key)["label"],
                                 ds.sample_batch(key)["label"])
+
+
+def test_svhn_loader_layout_labels_and_grayscale(tmp_path):
+  pytest.importorskip("scipy")
+  (xtr, ytr), (xte, yte) = fake_data.write_svhn(str(tmp_path), n_train=50, n_test=20)
+  D.clear_cache()
+  raw = D.load_raw("svhn_cropped", str(tmp_path))
+  np.testing.assert_array_equal(raw[0], xtr)  # NHWC, images in file order
+  np.testing.assert_array_equal(raw[1], ytr)  # stored 10 -> digit 0
+  np.testing.assert_array_equal(raw[3], yte)
+  ds = D.svhn_cropped_datasets(8, None, str(tmp_path), grayscale=True)
+  assert ds.image_shape == (32, 32, 1) and ds.split_size("train") == 40  # 80% of 50
+  want = (xtr[:40].astype(np.float64) @ np.array(D.GRAY_WEIGHTS)) / 255.0
+  np.testing.assert_allclose(np.asarray(ds.images["train"])[..., 0], want, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_missing_svhn_names_files_dir_and_url(tmp_path):
+  with pytest.raises(D.DatasetNotFoundError) as e:
+    D.svhn_cropped_datasets(data_dir=str(tmp_path))
+  msg = str(e.value)
+  for part in ("train_32x32.mat", "test_32x32.mat", os.path.join(str(tmp_path),
+               "svhn_cropped"), "http://ufldl.stanford.edu/housenumbers/"):
+    assert part in msg
+
+
+def test_corrupt_svhn_file_is_a_clear_error(tmp_path):
+  pytest.importorskip("scipy")
+  d = tmp_path / "svhn_cropped"
+  d.mkdir()
+  for f in D.SVHN_FILES:
+    (d / f).write_bytes(b"not a matlab file")
+  D.clear_cache()
+  with pytest.raises(ValueError, match="train_32x32.mat"):
+    D.load_raw("svhn_cropped", str(tmp_path))
+
+
+def test_digits8_variants_are_the_stated_transforms():
+  plain = D.digits8_variant_datasets("plain")
+  inv = D.digits8_variant_datasets("inverted")
+  pix = D.digits8_variant_datasets("pixel_permuted")
+  lab = D.digits8_variant_datasets("label_permuted")
+  x = np.asarray(plain.images["train"]).astype(np.int64)
+  y = np.asarray(plain.labels["train"])
+  np.testing.assert_array_equal(np.asarray(inv.images["train"]), 16 - x)
+  xf, xp = x.reshape(len(x), 64), np.asarray(pix.images["train"]).reshape(len(x), 64)
+  # same pixels per image, moved: every new pixel column is an old one (for all images)
+  np.testing.assert_array_equal(np.sort(xp, 1), np.sort(xf, 1))
+  assert all((xf == xp[:, [j]]).all(0).any() for j in range(64))
+  assert np.mean(xp != xf) > 0.3
+  yl = np.asarray(lab.labels["train"])
+  mapping = {int(a): int(b) for a, b in zip(y, yl)}
+  assert len(mapping) == 10 and sorted(mapping.values()) == list(range(10))
+  assert any(a != b for a, b in mapping.items())
+  np.testing.assert_array_equal(yl, [mapping[int(a)] for a in y])  # a function of y
+  with pytest.raises(ValueError, match="rotated"):
+    D.digits8_variant_datasets("rotated")
+
+
+def test_synthetic_data_shapes_balance_and_determinism():
+  ds = D.synthetic_datasets(64, num_train=2000, num_test=500, seed=1)
+  assert ds.image_shape == (8, 8, 1) and ds.num_classes == 10
+  assert [ds.split_size(s) for s in D.SPLITS] == [1600, 200, 200, 500]
+  counts = np.bincount(np.asarray(ds.labels["train"]), minlength=10)
+  assert counts.min() > 0.4 * counts.mean()  # no class dominates
+  b = ds.sample_batch(jax.random.key(0))
+  assert b["image"].shape == (64, 8, 8, 1) and b["image"].dtype == jnp.float32
+  assert 0.0 <= float(b["image"].min()) and float(b["image"].max()) <= 1.0
+  again = D.synthetic_datasets(64, num_train=2000, num_test=500, seed=1)
+  np.testing.assert_array_equal(np.asarray(again.labels["test"]),
+                                np.asarray(ds.labels["test"]))
+  other = D.synthetic_datasets(64, num_train=2000, num_test=500, seed=2)
+  assert np.mean(np.asarray(other.labels["test"]) != np.asarray(ds.labels["test"])) > 0.5
+  with pytest.raises(ValueError, match="image_shape"):
+    D.synthetic_datasets(image_shape=(8, 8))

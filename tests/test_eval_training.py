@@ -40,7 +40,7 @@ def test_multi_seed_curves_and_learned_optimizer(task):
 
 
 def test_curves_on_a_noisy_quadratic():
-  fam = quadratics.NoisyQuadraticFamily(dim=4)
+  fam = quadratics.RotatedNoisyQuadraticFamily(dim=4)
   t = fam.task_fn(fam.sample(jax.random.key(0)))
   a = E.single_task_training_curves(t, Adam(0.1), 30, jax.random.key(2), eval_every=10)
   assert a["train/loss"].shape == (30,) and np.all(np.isfinite(a["train/loss"]))

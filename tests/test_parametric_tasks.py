@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from spmd_lopt.tasks import base, quadratics
@@ -17,55 +18,90 @@ def _structure(tree):
 
 @pytest.fixture(scope="module")
 def mlp_family():
-  return ParametricImageMLP(min_width=4, max_width=16, min_depth=1, max_depth=3)
+  ds = image_mlp.ImageMLP_Digits8_Relu32(batch_size=16).datasets
+  return ParametricImageMLP(ds, architectures=((5,), (16,), (8, 8)))
 
 
-def test_parametric_mlp_samples_fixed_structure_within_bounds(mlp_family):
-  keys = jax.random.split(jax.random.key(0), 32)
+def test_parametric_mlp_samples_fixed_structure(mlp_family):
+  keys = jax.random.split(jax.random.key(0), 64)
   samples = [mlp_family.sample(k) for k in keys[:3]]
   assert all(_structure(s) == _structure(samples[0]) for s in samples)
   stacked = jax.vmap(mlp_family.sample)(keys)
-  assert stacked.widths.shape == (32, 3)
-  assert int(stacked.widths.min()) >= 4 and int(stacked.widths.max()) <= 16
-  assert set(np.unique(stacked.depth)) == {1, 2, 3}
+  assert set(np.unique(stacked.architecture)) == {0, 1, 2}
   assert set(np.unique(stacked.activation)) == {0, 1, 2, 3}
   base.check_task_family(mlp_family, jax.random.key(1))
+  with pytest.raises(ValueError, match="architectures"):
+    ParametricImageMLP(architectures=[()])
+  with pytest.raises(ValueError, match="activations"):
+    ParametricImageMLP(activations=["swish2"])
 
 
-def test_parametric_mlp_vmaps_over_tasks(mlp_family):
-  tps = jax.vmap(mlp_family.sample)(jax.random.split(jax.random.key(2), 8))
+@pytest.mark.slow  # ~10 s CPU (compiles three switched nets); the step test covers slot 0
+def test_parametric_mlp_slots_have_the_narrow_shapes_and_only_one_is_used(mlp_family):
+  cfgs = ImageMLPConfig(architecture=jnp.arange(3, dtype=jnp.int32),
+                        activation=jnp.zeros(3, jnp.int32))
 
-  def init_loss(tp, k):
-    t = mlp_family.task_fn(tp)
+  def init_loss_grad(cfg, k):
+    t = mlp_family.task_fn(cfg)
     p = t.init(k)
-    return p, t.loss(p, k, t.sample_batch(k))
+    d = t.sample_batch(k)
+    return p, t.loss(p, k, d), jax.grad(t.loss)(p, k, d)
 
-  params, losses = jax.jit(jax.vmap(init_loss))(tps, jax.random.split(jax.random.key(3), 8))
-  assert params["Dense_1"]["kernel"].shape == (8, 16, 16)  # one padded shape for all
-  assert losses.shape == (8,) and bool(jnp.all(jnp.abs(losses - jnp.log(10.0)) < 1.5))
+  params, losses, grads = jax.device_get(jax.jit(jax.vmap(init_loss_grad, in_axes=(
+      0, None)))(cfgs, jax.random.key(3)))
+  assert params[0]["Dense_0"]["kernel"].shape == (3, 64, 5)  # no padding
+  assert params[2]["Dense_1"]["kernel"].shape == (3, 8, 8)
+  assert np.all(np.abs(losses - np.log(10.0)) < 1.5)
+  for task in range(3):
+    for slot in range(3):
+      leaves = [x[task] for x in jax.tree.leaves(params[slot])]
+      gl = [x[task] for x in jax.tree.leaves(grads[slot])]
+      used = max(np.abs(g).max() for g in gl) > 0
+      assert used == (slot == task)
+      if slot != task:  # unused slots start at zero
+        assert all(np.abs(x).max() == 0.0 for x in leaves)
 
 
-def test_masked_mlp_equals_the_narrow_mlp(mlp_family):
-  """depth 1, width 5, relu: the padded net computes exactly a 64-5-10 MLP."""
-  cfg = ImageMLPConfig(widths=jnp.array([5, 16, 16], jnp.int32),
-                       depth=jnp.asarray(1, jnp.int32), activation=jnp.asarray(0, jnp.int32))
+@pytest.mark.parametrize("lopt_name", ["mlp_lopt", pytest.param("adafac_mlp_lopt",
+                                                                 marks=pytest.mark.slow)])
+def test_learned_optimizer_step_on_sampled_net_equals_step_on_narrow_net(mlp_family,
+                                                                         lopt_name):
+  """The issue's acceptance test: the task's params in slot 0 (a 64-5-10 ReLU net) get
+  exactly the update the learned optimizer gives the 64-5-10 net on its own."""
+  from spmd_lopt.learned_optimizers import adafac_mlp_lopt, mlp_lopt
+  lopt = {"mlp_lopt": mlp_lopt.MLPLOpt, "adafac_mlp_lopt": adafac_mlp_lopt.AdafacMLPLOpt}[
+      lopt_name]()
+  theta = lopt.init(jax.random.key(7))
+  cfg = ImageMLPConfig(architecture=jnp.asarray(0, jnp.int32),
+                       activation=jnp.asarray(0, jnp.int32))
   task = mlp_family.task_fn(cfg)
+  narrow = image_mlp.MLP((5,), 10)
 
   @jax.jit
-  def run(key):
+  def steps(key):
+    opt = lopt.opt_fn(theta)
     p = task.init(key)
-    batch = task.sample_batch(key)
-    x = batch["image"].reshape(128, -1)
-    h = jax.nn.relu(x @ p["Dense_0"]["kernel"][:, :5] + p["Dense_0"]["bias"][:5])
-    want = h @ p["Dense_3"]["kernel"][:5] + p["Dense_3"]["bias"]
-    return task.logits(p, batch["image"]), want, jax.grad(task.loss)(p, key, batch)
+    q = p[0]  # the same numbers as a standalone narrow net's params
 
-  got, want, g = run(jax.random.key(4))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  # unused layers and masked units get exactly zero gradient
-  assert float(jnp.abs(g["Dense_1"]["kernel"]).max()) == 0.0
-  assert float(jnp.abs(g["Dense_0"]["kernel"][:, 5:]).max()) == 0.0
-  assert float(jnp.abs(g["Dense_0"]["kernel"][:, :5]).max()) > 0.0
+    def narrow_loss(q, batch):
+      logits = narrow.apply({"params": q}, batch["image"])
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                                       batch["label"]))
+
+    s_p = opt.init(p, num_steps=10)
+    s_q = opt.init(q, num_steps=10)
+    for i in range(3):
+      batch = task.sample_batch(jax.random.fold_in(key, i))
+      s_p = opt.update(s_p, jax.grad(task.loss)(opt.get_params(s_p), key, batch))
+      s_q = opt.update(s_q, jax.grad(narrow_loss)(opt.get_params(s_q), batch))
+    return opt.get_params(s_p)[0], opt.get_params(s_q), q
+
+  got, want, start = steps(jax.random.key(4))
+  moved = max(float(jnp.abs(a - b).max()) for a, b in
+              zip(jax.tree.leaves(want), jax.tree.leaves(start)))
+  assert moved > 1e-5  # the optimizer did move the narrow net
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got,
+               want)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +143,9 @@ def test_sample_fixed_tasks_family(other, digits_mlp):
     assert all(np.abs(np.asarray(x[0])).max() == 0 for x in jax.tree.leaves(grads[1]))
 
 
-def test_noisy_quadratic_family():
-  fam = quadratics.NoisyQuadraticFamily(dim=6, max_condition=50.0, min_noise=0.1,
-                                        max_noise=0.5)
+def test_rotated_noisy_quadratic_family():
+  fam = quadratics.RotatedNoisyQuadraticFamily(dim=6, max_condition=50.0, min_noise=0.1,
+                                               max_noise=0.5)
   base.check_task_family(fam, jax.random.key(0))
   tps = jax.jit(jax.vmap(fam.sample))(jax.random.split(jax.random.key(1), 16))
   assert _structure(jax.tree.map(lambda x: x[0], tps)) == _structure(

@@ -9,7 +9,13 @@ them over devices.
 
 Data: tasks that need a batch draw it on device with ``sample_batch(key)``, keyed by the
 caller (the truncated step keys it by global task index and step), so a meta step never
-waits on a host feed. Tasks without data return ``None`` there.
+waits on a host feed. Tasks without data return ``None`` there. Tasks written against
+the reference library instead expose ``datasets``, a ``datasets_base.Datasets`` of host
+iterators (its ``abstract_batch`` gives the batch's shapes), and are fed through the
+trainers' host-fed ``datas`` path; ``sample_batch`` returns ``None`` for them too.
+
+``loss_with_state_and_aux`` (loss, new model state, aux dict) is the reference's most
+general loss; the default builds it from ``loss_with_state``.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ class Task:
                    data: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     return self.loss(params, key, data), {}
 
-  def loss_with_state_and_aux(self, params, state, key, data):
+  def loss_with_state_and_aux(self, params: Params, state: ModelState, key: PRNGKey,
+                              data: Any) -> tuple[jax.Array, ModelState, dict]:
     loss, state = self.loss_with_state(params, state, key, data)
     return loss, state, {}
 
@@ -64,9 +71,9 @@ class Task:
     """Map a raw loss to the meta-loss scale (identity by default)."""
     return loss
 
-  @property
-  def datasets(self):
-    return None
+  # None, an on-device data set, or the reference's host ``datasets_base.Datasets``; a
+  # plain attribute so reference-style tasks can assign it in ``__init__``.
+  datasets: Any = None
 
 
 class TaskFamily:
@@ -85,12 +92,16 @@ class TaskFamily:
   def task_fn(self, task_param: TaskParam) -> Task:
     raise NotImplementedError
 
-  @property
-  def datasets(self):
-    return None
+  # None, an on-device data set, or the reference's host ``datasets_base.Datasets``; a
+  # plain attribute so reference-style tasks can assign it in ``__init__``.
+  datasets: Any = None
 
   def eval_task_fn(self, task_param: TaskParam) -> Task:
     return self.task_fn(task_param)
+
+  def sample_task(self, key: PRNGKey) -> Task:
+    """``task_fn(sample(key))``, as the reference."""
+    return self.task_fn(self.sample(key))
 
 
 class _SingleTaskFamily(TaskFamily):
@@ -150,6 +161,9 @@ def check_task_family(family: TaskFamily, key: PRNGKey) -> None:
     task = family.task_fn(task_param)
     params, state = task.init_with_state(key)
     data = task.sample_batch(key)
+    abstract = getattr(task.datasets, "abstract_batch", None)
+    if data is None and abstract is not None:  # a host-fed task: a batch of its shape
+      data = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
     loss, _ = task.loss_with_state(params, state, key, data)
     return params, loss
 

@@ -22,13 +22,14 @@ class MLP(nn.Module):
   hidden: Sequence[int]
   num_classes: int = 10
   activation: Callable[[jax.Array], jax.Array] = nn.relu
+  kernel_init: Callable = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x):
     x = x.reshape((x.shape[0], -1))
     for h in self.hidden:
-      x = self.activation(nn.Dense(h)(x))
-    return nn.Dense(self.num_classes)(x)
+      x = self.activation(nn.Dense(h, kernel_init=self.kernel_init)(x))
+    return nn.Dense(self.num_classes, kernel_init=self.kernel_init)(x)
 
 
 def _mlp_task(name, dataset, hidden, activation=nn.relu):

@@ -1,16 +1,24 @@
-"""``ParametricImageMLP``: MLPs with sampled width, depth and activation, one padded shape.
+"""``ParametricImageMLP``: MLPs of sampled architecture and activation, without masking.
 
-Every task has ``max_depth`` hidden Dense layers of ``max_width`` units plus the output
-layer, so all tasks share one parameter pytree. A task ``(widths, depth, act)`` uses:
+Tasks are vmapped over, so every sample must share one parameter pytree. Padding every
+net to the widest shape and masking unused units computes the right function but not
+the right optimizer inputs: per-tensor statistics (a learned optimizer's normalisation,
+Adafactor's row/column moments) would average over masked zeros, and masked weights
+would drift under a rule whose output is nonzero at zero gradient. So no net is padded.
 
-  h_0 = vec(x);   z_l = W_l h_{l-1} + b_l;   a_l = act(z_l) * m_l,
-  m_l[j] = 1[j < widths[l]];   h_l = a_l if l < depth else h_{l-1};   logits = W_o h_L + b_o
+Instead the family holds a few *static architectures* (shape buckets), hidden sizes such
+as ``(32,)`` or ``(64, 64)``, each its own ``MLP`` with its own exact parameter shapes.
+The parameters of a task are the tuple ``(params_0, ..., params_{A-1})``, one slot per
+architecture; a task of architecture ``a`` initialises slot ``a`` only (the others are
+zero) and its loss reads slot ``a`` only, by ``lax.switch``. Slot ``a``'s tensors are
+exactly the narrow net's tensors, with the narrow net's gradient; the other slots get
+zero gradient and never enter the loss. A per-tensor optimizer therefore takes on slot
+``a`` exactly the step it takes on the narrow net alone (tested for MLPLOpt). Under
+``vmap`` with different architectures per task, ``lax.switch`` runs every branch, so a
+step costs the sum of the buckets' costs: keep the list short.
 
-(``l = 0..max_depth-1``; layer 0 is always used, ``depth >= 1``). Masked units output 0,
-so the weights into and out of them get zero gradient and the function is exactly that of
-the narrower, shallower net. The activation is picked by ``lax.switch(act, ...)``.
-Init: LeCun-normal over the padded fan-in, rescaled by ``sqrt(max_width / active fan-in)``
-so pre-activations have the variance of the un-padded net.
+Sampling: ``architecture ~ U{0..A-1}``, ``activation ~ U{names}``. Init: flax's default
+``Dense`` (LeCun normal on the true fan-in, zero biases).
 """
 
 from __future__ import annotations
@@ -30,84 +38,92 @@ from spmd_lopt.tasks.fixed.classification import ImageClassificationTask
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu, "tanh": jnp.tanh, "gelu": nn.gelu, "silu": nn.silu, "elu": nn.elu}
 
+DEFAULT_ARCHITECTURES = ((16,), (32,), (64,), (32, 32), (64, 64), (32, 32, 32))
+
 
 @flax.struct.dataclass
 class ImageMLPConfig:
-  """Task parameters. widths: i32[max_depth] active units per hidden layer; depth: i32[]
-  hidden layers used; activation: i32[] index into the family's activation names."""
-  widths: jax.Array
-  depth: jax.Array
+  """Task parameters. architecture: i32[] index into the family's hidden-size tuples;
+  activation: i32[] index into its activation names."""
+  architecture: jax.Array
   activation: jax.Array
 
 
-class MaskedMLP(nn.Module):
-  """The padded MLP above; ``cfg`` (an ``ImageMLPConfig``) selects the sub-network."""
-  max_width: int
-  max_depth: int
+class SwitchedActivationMLP(nn.Module):
+  """flatten -> (Dense(h) -> activations[act]) for h in hidden -> Dense(K)."""
+  hidden: Sequence[int]
   num_classes: int
   activations: Sequence[Callable[[jax.Array], jax.Array]]
 
   @nn.compact
-  def __call__(self, x, cfg: ImageMLPConfig):
+  def __call__(self, x, act):
     h = x.reshape((x.shape[0], -1))
-    units = jnp.arange(self.max_width)
-    for l in range(self.max_depth):
-      z = nn.Dense(self.max_width)(h)
-      a = jax.lax.switch(cfg.activation, list(self.activations), z)
-      a = a * (units < cfg.widths[l]).astype(a.dtype)
-      h = a if l == 0 else jnp.where(l < cfg.depth, a, h)
+    for width in self.hidden:
+      h = jax.lax.switch(act, list(self.activations), nn.Dense(width)(h))
     return nn.Dense(self.num_classes)(h)
 
 
-class _ParametricMLPTask(ImageClassificationTask):
+class _BucketMLPTask(ImageClassificationTask):
 
   def __init__(self, family: "ParametricImageMLP", cfg: ImageMLPConfig):
-    super().__init__(family.module, family.datasets, name=family.name)
+    super().__init__(family.modules[0], family.datasets, name=family.name)
+    self.family = family
     self.cfg = cfg
-    self.max_width = family.max_width
 
   def init(self, key):
+    f = self.family
     image = jnp.zeros((1,) + self.datasets.image_shape, jnp.float32)
-    params = self.module.init(key, image, self.cfg)["params"]
-    params = dict(params)
-    d = self.cfg.depth
-    fan_ins = [self.cfg.widths[l - 1] for l in range(1, self.module.max_depth)]
-    fan_ins.append(jnp.take(self.cfg.widths, d - 1))  # output layer reads layer depth-1
-    for l, fan in enumerate(fan_ins, start=1):
-      name = f"Dense_{l}"
-      scale = jnp.sqrt(self.max_width / jnp.maximum(fan, 1).astype(jnp.float32))
-      params[name] = dict(params[name], kernel=params[name]["kernel"] * scale)
-    return params
+    zeros = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+             for shapes in f.param_shapes]
+
+    def branch(i):
+      def init_slot_i(k):
+        slot = f.modules[i].init(k, image, self.cfg.activation)["params"]
+        return tuple(slot if j == i else zeros[j] for j in range(len(f.modules)))
+      return init_slot_i
+    return jax.lax.switch(self.cfg.architecture,
+                          [branch(i) for i in range(len(f.modules))], key)
 
   def logits(self, params, image):
-    return self.module.apply({"params": params}, image, self.cfg)
+    f = self.family
+
+    def branch(i):
+      return lambda p, x: f.modules[i].apply({"params": p[i]}, x, self.cfg.activation)
+    return jax.lax.switch(self.cfg.architecture,
+                          [branch(i) for i in range(len(f.modules))], params, image)
 
 
 class ParametricImageMLP(base.TaskFamily):
-  """Random MLP classifiers on one ``ImageDataset``.
+  """Random MLP classifiers on one ``ImageDataset``, one static shape per architecture.
 
-  sample: ``depth ~ U{min_depth..max_depth}``; each width log-uniform on
-  ``[min_width, max_width]`` (rounded down); ``activation ~ U{activation names}``.
+  Args:
+    dataset: the data (default: the embedded 8x8 digits, batch 128).
+    architectures: hidden sizes per bucket, e.g. ``((32,), (64, 64))``.
+    activations: names from ``ACTIVATIONS``.
   """
 
-  def __init__(self, dataset: Optional[ds_lib.ImageDataset] = None, min_width: int = 8,
-               max_width: int = 64, min_depth: int = 1, max_depth: int = 3,
+  def __init__(self, dataset: Optional[ds_lib.ImageDataset] = None,
+               architectures: Sequence[Sequence[int]] = DEFAULT_ARCHITECTURES,
                activations: Sequence[str] = ("relu", "tanh", "gelu", "silu"),
                name: Optional[str] = None):
-    if not 1 <= min_width <= max_width or not 1 <= min_depth <= max_depth:
-      raise ValueError("ParametricImageMLP: need 1 <= min_width <= max_width and "
-                       f"1 <= min_depth <= max_depth; got widths [{min_width}, "
-                       f"{max_width}], depths [{min_depth}, {max_depth}].")
+    archs = tuple(tuple(int(w) for w in a) for a in architectures)
+    if not archs or any(not a or min(a) < 1 for a in archs):
+      raise ValueError("ParametricImageMLP: architectures must be a non-empty list of "
+                       f"non-empty hidden-size tuples of positive ints, got {architectures!r}.")
     unknown = [a for a in activations if a not in ACTIVATIONS]
     if unknown or not activations:
       raise ValueError(f"ParametricImageMLP: unknown activations {unknown}; known: "
                        f"{tuple(ACTIVATIONS)}.")
     self._dataset = dataset if dataset is not None else ds_lib.digits8_datasets()
-    self.min_width, self.max_width = int(min_width), int(max_width)
-    self.min_depth, self.max_depth = int(min_depth), int(max_depth)
+    self.architectures = archs
     self.activation_names = tuple(activations)
-    self.module = MaskedMLP(self.max_width, self.max_depth, self._dataset.num_classes,
-                            tuple(ACTIVATIONS[a] for a in self.activation_names))
+    acts = tuple(ACTIVATIONS[a] for a in self.activation_names)
+    self.modules = tuple(SwitchedActivationMLP(a, self._dataset.num_classes, acts)
+                         for a in archs)
+    image = jnp.zeros((1,) + self._dataset.image_shape, jnp.float32)
+    self.param_shapes = tuple(
+        jax.eval_shape(lambda k, m=m: m.init(k, image, 0)["params"], jax.random.key(0))
+        for m in self.modules)
     self.name = name or f"ParametricImageMLP_{self._dataset.name}"
 
   @property
@@ -120,13 +136,10 @@ class ParametricImageMLP(base.TaskFamily):
     return out
 
   def sample(self, key):
-    kw, kd, ka = jax.random.split(key, 3)
-    lo, hi = jnp.log(self.min_width), jnp.log(self.max_width + 1)
-    widths = jnp.exp(jax.random.uniform(kw, (self.max_depth,), minval=lo, maxval=hi))
-    widths = jnp.clip(jnp.floor(widths), self.min_width, self.max_width).astype(jnp.int32)
-    depth = jax.random.randint(kd, (), self.min_depth, self.max_depth + 1, jnp.int32)
-    act = jax.random.randint(ka, (), 0, len(self.activation_names), jnp.int32)
-    return ImageMLPConfig(widths=widths, depth=depth, activation=act)
+    ka, kb = jax.random.split(key)
+    arch = jax.random.randint(ka, (), 0, len(self.architectures), jnp.int32)
+    act = jax.random.randint(kb, (), 0, len(self.activation_names), jnp.int32)
+    return ImageMLPConfig(architecture=arch, activation=act)
 
   def task_fn(self, task_param):
-    return _ParametricMLPTask(self, task_param)
+    return _BucketMLPTask(self, task_param)
