@@ -218,4 +218,4 @@ def make_learner(cfg, mesh=None) -> gradient_learner.SpmdGradientLearner:
     raise ValueError("config.tasks names no task family.")
   estimators = [make_estimator(make_task_family(n, cfg), lopt, cfg) for n in names]
   return gradient_learner.SpmdGradientLearner(lopt, estimators, make_theta_opt(cfg),
-                                              mesh=mesh, num_steps=cfg.outer_steps)
+                                              mesh=mesh)

@@ -6,7 +6,8 @@ meta step). A name resolves, in order, through
 - ``TASK_FAMILIES`` here: ``quadratic`` (``FixedDimQuadraticFamily(10)``), ``image_mlp``
   (``ImageMLP_Digits8_Relu32``, the reference tutorial's 8x8-digits MLP) and
   ``synthetic8`` (the task registry's synthetic 8x8 image MLP: random images, labels from
-  a fixed teacher; the Celo2 recipe's task shape without data files);
+  a fixed teacher; the Celo2 recipe's task shape without data files) and ``mnist_size``
+  (random data of MNIST's size, for program-size measurements);
 - the task registry (``spmd_lopt.tasks.registry.get_task_family``), so any registered
   family or fixed task is a workload by its own name.
 
@@ -70,10 +71,34 @@ def _synthetic8_family(batch_size: int = 0):
                             "install)")
 
 
+def _mnist_size_family(batch_size: int = 0):
+  """A 784 -> 32 -> 10 ReLU MLP on random uint8 28x28x1 images with MNIST's split sizes
+  (48k / 6k / 6k / 10k: 55 MB). Random pixels and labels: for program-size and compile
+  measurements of an MNIST-size data set without its files, not for learning."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from spmd_lopt import datasets  # pylint: disable=import-outside-toplevel
+  from spmd_lopt.tasks import base  # pylint: disable=import-outside-toplevel
+  from spmd_lopt.tasks.fixed import classification, image_mlp  # pylint: disable=C0415
+  rng = np.random.default_rng(0)
+  sizes = {"train": 48000, "inner_valid": 6000, "outer_valid": 6000, "test": 10000}
+  images = {k: jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
+            for k, n in sizes.items()}
+  labels = {k: jnp.asarray(rng.integers(0, 10, (n,), dtype=np.int32))
+            for k, n in sizes.items()}
+  ds = datasets.ImageDataset(images=images, labels=labels, name="mnist_size_random",
+                             batch_size=batch_size or 128, num_classes=10,
+                             image_scale=1.0 / 255.0)
+  task = classification.ImageClassificationTask(image_mlp.MLP((32,), 10), ds,
+                                                name="ImageMLP_MnistSizeRandom_Relu32")
+  return base.single_task_to_family(task), "ImageMLP_MnistSizeRandom_Relu32 (random data)"
+
+
 TASK_FAMILIES: dict[str, Callable[..., tuple[Any, str]]] = {
     "quadratic": _quadratic_family,
     "image_mlp": _image_mlp_family,
     "synthetic8": _synthetic8_family,
+    "mnist_size": _mnist_size_family,
 }
 
 
