@@ -118,7 +118,8 @@ def write_plots(results: list[dict], summary: dict, outdir: str) -> list[str]:
   axes[2].set(ylabel="achieved FLOP/s / f32 matmul peak", title="roofline fraction")
   for ax in axes[:2]:
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when every point skipped
+      ax.legend(fontsize=6)
   fig.tight_layout()
   p = os.path.join(outdir, "scaling.png")
   fig.savefig(p, dpi=100)
