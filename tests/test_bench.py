@@ -1,6 +1,6 @@
-"""The benchmark harness (spmd_lopt.bench): scaling math on known timings, the plan, the
-optimisation prototype's equivalence, and tiny end-to-end runs (in-process and via a
-worker subprocess)."""
+"""The benchmark harness (spmd_lopt.bench): scaling math on known timings, the plan,
+program-size accounting, skipped workloads, and tiny end-to-end runs (in-process and via
+a worker subprocess)."""
 
 import json
 import os
@@ -11,39 +11,40 @@ import pytest
 
 from spmd_lopt import bench
 from spmd_lopt import sharding
+from spmd_lopt.bench import cost_model, measure, report, stats, workloads
 
 
 def test_weak_and_strong_scaling_math():
-  weak = bench.weak_scaling({1: 1.0, 2: 1.25, 4: 2.0})
+  weak = stats.weak_scaling({1: 1.0, 2: 1.25, 4: 2.0})
   assert weak[1]["efficiency"] == 1.0
   assert weak[2]["efficiency"] == pytest.approx(0.8)
   assert weak[4]["efficiency"] == pytest.approx(0.5)
   assert weak[2]["throughput_speedup"] == pytest.approx(1.6)
-  strong = bench.strong_scaling({1: 8.0, 2: 4.0, 4: 4.0})
+  strong = stats.strong_scaling({1: 8.0, 2: 4.0, 4: 4.0})
   assert strong[2]["speedup"] == pytest.approx(2.0)
   assert strong[2]["efficiency"] == pytest.approx(1.0)
   assert strong[4]["efficiency"] == pytest.approx(0.5)
   with pytest.raises(ValueError):
-    bench.strong_scaling({2: 1.0})
+    stats.strong_scaling({2: 1.0})
 
 
 def test_time_stats_throughput_and_memory_math():
-  st = bench.summarize_times([3.0, 1.0, 100.0, 2.0, 4.0])
+  st = stats.summarize_times([3.0, 1.0, 100.0, 2.0, 4.0])
   assert (st["median"], st["q25"], st["q75"], st["min"], st["max"], st["n"]) == \
       (3.0, 2.0, 4.0, 1.0, 100.0, 5)
-  assert bench.inner_steps_per_meta_step([16, 16], 50) == 3200
-  fixed, per_task = bench.fit_memory([(2, 300.0), (4, 500.0), (8, 900.0)])
+  assert stats.inner_steps_per_meta_step([16, 16], 50) == 3200
+  fixed, per_task = stats.fit_memory([(2, 300.0), (4, 500.0), (8, 900.0)])
   assert fixed == pytest.approx(100.0) and per_task == pytest.approx(100.0)
-  assert bench.max_tasks_within(1000.0, fixed, per_task) == 9
-  assert bench.max_tasks_within(1000.0, fixed, per_task, multiple=4) == 8
-  assert bench.fit_memory([(4, 400.0)]) == (0.0, 100.0)
-  assert bench.corrected_cost(10.0, 3.0, 50) == 10.0 + 49 * 3.0
+  assert stats.max_tasks_within(1000.0, fixed, per_task) == 9
+  assert stats.max_tasks_within(1000.0, fixed, per_task, multiple=4) == 8
+  assert stats.fit_memory([(4, 400.0)]) == (0.0, 100.0)
+  assert cost_model.corrected_cost(10.0, 3.0, 50) == 10.0 + 49 * 3.0
 
 
 def _rec(kind, n, tpd, t, spc=1, scaling=(), nproc=1, flops=None):
   return {"kind": kind, "families": ["quadratic"], "estimator": "pes", "num_devices": n,
           "num_processes": nproc, "tasks_per_device": tpd, "steps_per_call": spc,
-          "step_time_s": bench.summarize_times([t]), "scaling": list(scaling),
+          "step_time_s": stats.summarize_times([t]), "scaling": list(scaling),
           "achieved_flops_per_s": flops, "memory_per_device": {"total": 100 + 10 * tpd}}
 
 
@@ -84,30 +85,6 @@ def test_plan_groups_by_device_count_and_dedupes():
                      ("host_baseline", 4, 1)]
 
 
-def test_factored_mlp_lopt_matches_the_unfactored_formulation():
-  """MLPLOpt's factored first layer takes the same inner steps as the MLP applied to the
-  full 19-feature matrix (the bench's A/B baseline)."""
-  from spmd_lopt.learned_optimizers import mlp_lopt
-  ref, fac = bench.unfactored_mlp_lopt(), mlp_lopt.MLPLOpt()
-  theta = ref.init(jax.random.key(0))
-  k = jax.random.split(jax.random.key(1), 3)
-  params = {"w": jax.random.normal(k[0], (64, 32)), "b": jax.random.normal(k[1], (10,))}
-  grads = jax.tree.map(lambda p: jax.random.normal(k[2], p.shape), params)
-  outs = []
-  for lo in (ref, fac):
-    opt = lo.opt_fn(theta)
-    st = opt.init(params)
-    st = opt.update(st, grads)
-    st = opt.update(st, jax.tree.map(lambda g: -0.5 * g, grads))
-    outs.append(jax.device_get(st))
-  moved = max(float(np.max(np.abs(a - b))) for a, b in
-              zip(jax.tree.leaves(outs[0].params), jax.tree.leaves(params)))
-  assert moved > 1e-5
-  np.testing.assert_allclose(outs[1].params["w"], outs[0].params["w"], rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(outs[1].params["b"], outs[0].params["b"], rtol=1e-6, atol=1e-7)
-  assert int(outs[1].iteration) == 2
-
-
 def _tiny_cfg(**kw):
   cfg = bench.default_config()
   cfg.update(dict(workloads="quadratic", device_counts="1", tasks_per_device="2",
@@ -121,7 +98,8 @@ def _tiny_cfg(**kw):
 
 
 def test_end_to_end_in_process_writes_documented_fields(devices, tmp_path):
-  out = bench.run_bench(_tiny_cfg(), str(tmp_path), log=lambda *_: None)
+  out = bench.run_bench(_tiny_cfg(project_outer_iterations=1000), str(tmp_path),
+                        log=lambda *_: None)
   with open(tmp_path / "results.json") as f:
     data = json.load(f)
   assert set(data) >= {"meta", "peak_matmul", "results", "summary"}
@@ -141,6 +119,8 @@ def test_end_to_end_in_process_writes_documented_fields(devices, tmp_path):
       assert r["memory_per_device"]["total"] > 0
       assert 0 < r["roofline_fraction"] < 10
       assert r["compile_s"] >= 0 and r["first_call_s"] > 0
+      assert r["program_size"]["text_bytes"] > r["program_size"]["constant_bytes"] >= 0
+    assert r["projected_wall_s"] == pytest.approx(1000 * r["step_time_s"]["median"])
   summ = data["summary"]
   assert summ["strong"]["quadratic/pes/2"]["1"]["efficiency"] == 1.0
   assert summ["steps_per_call"]["quadratic/pes/2"]["2"]["gain"] > 0
@@ -185,8 +165,8 @@ def test_host_fed_ablation_is_planned_and_makes_batches_like_the_task(devices):
   kinds = sorted(p["kind"] for pts in bench.plan(cfg).values() for p in pts)
   assert kinds.count("host_fed") == 1
   mesh = sharding.make_mesh(num_devices=1)
-  lrn, _ = bench.build_learner(cfg, ["quadratic", "image_mlp"], "pes", 2, mesh)
-  quad, image = bench.host_batch_makers(lrn, trunc_length=2, seed=0)
+  lrn, _ = workloads.build_learner(cfg, ["quadratic", "image_mlp"], "pes", 2, mesh)
+  quad, image = measure.host_batch_makers(lrn, trunc_length=2, seed=0)
   assert quad is None
   batch = image()
   task = lrn.gradient_estimators[1].truncated_step.task_family.task_fn(0)
@@ -196,3 +176,76 @@ def test_host_fed_ablation_is_planned_and_makes_batches_like_the_task(devices):
   assert batch["image"].dtype == ref["image"].dtype
   assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
   assert float(np.asarray(ref["image"]).max()) > 0.5
+
+
+def test_program_size_sees_closed_over_arrays_but_not_arguments():
+  data = np.arange(4096, dtype=np.float32).reshape(64, 64)
+  closed = jax.jit(lambda x: x @ data).lower(np.ones((2, 64), np.float32))
+  passed = jax.jit(lambda x, d: x @ d).lower(np.ones((2, 64), np.float32), data)
+  size_closed = cost_model.program_size(closed)
+  size_passed = cost_model.program_size(passed)
+  assert size_closed["largest_constant_bytes"] == data.nbytes
+  assert size_closed["constant_bytes"] >= data.nbytes
+  assert size_passed["constant_bytes"] < 64
+  assert size_closed["text_bytes"] > size_passed["text_bytes"] + data.nbytes
+
+
+def test_results_json_is_strict(tmp_path):
+  report.write_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}},
+                    str(tmp_path / "r.json"))
+  text = (tmp_path / "r.json").read_text()
+  assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict {c}")) == \
+      {"a": None, "b": [1.0, None], "c": {"d": 2}}
+
+
+def test_missing_workloads_are_skipped_with_a_reason(devices):
+  """Names that a later version adds (a task family, a learned optimizer, the
+  reset_mode option) give a skipped record saying what is missing, not an error."""
+  cfg = _tiny_cfg(lopt="no_such_lopt")
+  point = {"kind": "fused", "num_devices": 1, "tasks_per_device": 1,
+           "families": ["quadratic"], "estimator": "pes", "steps_per_call": 1}
+  (rec,) = measure.run_worker(cfg, {"points": [point]})
+  assert "error" not in rec and "no_such_lopt" in rec["skipped"]
+  (rec,) = measure.run_worker(_tiny_cfg(), {"points": [{**point,
+                                                        "families": ["NoSuchFamily_8x8"]}]})
+  assert "error" not in rec and "NoSuchFamily_8x8" in rec["skipped"]
+  assert "SKIPPED" in report.one_line(rec) and "SKIPPED" in report.format_table([rec])
+  summ = bench.summarize([rec], peak_flops=1.0, platform_="cpu", budget_bytes=1.0)
+  assert summ["strong"] == {} and summ["memory"] == {}
+  if not workloads.has_reset_mode():
+    (rec,) = measure.run_worker(_tiny_cfg(), {"points": [{**point, "reset_mode": "select"}]})
+    assert "error" not in rec and "reset_mode" in rec["skipped"]
+
+
+def test_reset_mode_ab_is_planned_and_summarised():
+  cfg = bench.default_config()
+  cfg.device_counts, cfg.strong_total_tasks, cfg.reset_modes = "1", "4", "cond,select"
+  cfg.steps_per_call, cfg.host_baseline = "", False
+  pts = [p for p in bench.plan(cfg)[1] if p.get("reset_mode")]
+  assert sorted(p["reset_mode"] for p in pts) == ["cond", "select"]
+  assert all(p["scaling"] == ["reset:4"] for p in pts)
+  recs = [{**_rec("fused", 1, 4, t, scaling=["reset:4"]), "reset_mode": m}
+          for m, t in (("cond", 2.0), ("select", 1.0))]
+  s = bench.summarize(recs, peak_flops=1.0, platform_="cpu", budget_bytes=1e9)
+  r = s["reset_mode"]["quadratic/pes/4"]
+  assert r["fastest"] == "select" and r["ratio_to_fastest"]["cond"] == pytest.approx(2.0)
+  assert s["memory"] == {}  # A/B variants do not enter the memory fit
+
+
+def test_every_bench_config_loads_and_plans():
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "configs", "bench")
+  files = sorted(f for f in os.listdir(root) if f.endswith(".py"))
+  assert "celo2_recipe.py" in files
+  for f in files:
+    cfg = bench.load_config(os.path.join(root, f))
+    assert any(bench.plan(cfg).values()), f
+
+
+def test_bad_override_is_one_line(capsys):
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--config.no_such_key=1"])
+  assert "no_such_key" in str(e.value) and "\n" not in str(e.value)
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--config.repeats=many"])
+  assert "repeats" in str(e.value)

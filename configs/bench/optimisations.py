@@ -1,12 +1,13 @@
 """Bench: optimisation trials on the tutorial workload, 1 device, 16+16 tasks.
 
-Measures the fused step of the reference tutorial workload (quadratic + 8x8 image MLP
-(stand-in until merged), PES, trunc_length 50, MLPLOpt) on one device with one knob
-changed from the tutorial config; pick the knob with ``--config.KEY=VALUE``:
+Measures the fused step of the reference tutorial workload (quadratic + 8x8 digits image
+MLP, PES, trunc_length 50, MLPLOpt) on one device with one knob changed from the tutorial
+config; pick the knob with ``--config.KEY=VALUE``:
 
-- ``--config.lopt=mlp_lopt_unfactored``: MLPLOpt as first written, without the factored
-  first layer the library now uses (``spmd_lopt.bench.unfactored_mlp_lopt``; same numbers);
 - ``--config.stack_antithetic=false``: PES runs the + and - halves as two scans;
+- ``--config.reset_modes=cond,select``: the truncated step's reset branch, both ways
+  (needs the ``reset_mode`` option; skipped otherwise);
+- ``--config.lopt=NAME``: another registered learned optimizer;
 - ``--config.xla_flags=...``: extra XLA flags for the worker process.
 
 Each run takes about 1-2 minutes on the shared 2-core CPU machine (one compile of ~20-40 s
@@ -16,7 +17,7 @@ medians; docs/PERFORMANCE.md has the results.
 Command::
 
   PYTHONPATH=$PWD python -m spmd_lopt.bench --config configs/bench/optimisations.py \
-      --config.lopt=mlp_lopt_unfactored --outdir bench_results/opt_unfactored
+      --config.stack_antithetic=false --outdir bench_results/opt_unstacked
 """
 
 import ml_collections

@@ -1,8 +1,8 @@
 """Bench: the reference tutorial workload (acceptance workload of issue 8).
 
 Measures two workloads. (1) The acceptance workload: one fused learner with two PES
-estimators, FixedDimQuadraticFamily(10) and the 8x8 image MLP (``image_mlp``: the stand-in
-``StandInImageMLP`` until the real ``ImageMLP_Digits8_Relu32`` is merged), 16 tasks each,
+estimators, FixedDimQuadraticFamily(10) and the 8x8 image MLP (``image_mlp``:
+``ImageMLP_Digits8_Relu32`` on the embedded digits), 16 tasks each,
 trunc_length 50, MLPLOpt, LogUniformLengthSchedule(100, 300). (2) The quadratic estimator
 alone (small tasks: dispatch-bound). For each: strong scaling at 16 tasks per estimator over
 1, 2, 4, 8 (virtual) devices; weak scaling at 2 tasks/device/estimator; the 1-device points

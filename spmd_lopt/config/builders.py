@@ -420,8 +420,7 @@ def make_learner(cfg, mesh=None) -> gradient_learner.SpmdGradientLearner:
   theta_opt = outer_opt_lib.make_outer_optimizer(
       full["outer_opt"], full["outer_steps"], full["frozen"],
       theta=jax.eval_shape(lopt.init, jax.random.key(0)))
-  return gradient_learner.SpmdGradientLearner(lopt, ests, theta_opt, mesh=mesh,
-                                              num_steps=full["outer_steps"])
+  return gradient_learner.SpmdGradientLearner(lopt, ests, theta_opt, mesh=mesh)
 
 
 def abstract_learner_state(cfg, mesh=None):

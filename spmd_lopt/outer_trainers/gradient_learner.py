@@ -11,7 +11,9 @@
    aggregation), then the replicated outer-optimizer update ``theta_opt.update``.
 
 The old state is donated. Metrics come back as one pytree of device scalars; nothing is
-copied to the host inside the step.
+copied to the host inside the step. Every task family's data sets (``family.datasets``, for
+families with ``with_datasets``) are replicated over the mesh once and passed to each
+compiled program as an argument, so no program embeds a data set as a constant.
 
 ``SingleMachineGradientLearner`` is the same learner on a one-device mesh, with the
 reference's signature. The reference's host-driven API (``GradientLearner``,
@@ -21,7 +23,8 @@ in ``spmd_lopt.compat`` and is re-exported here, the reference's import path.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import copy
+from typing import Any, Mapping, Optional, Sequence
 
 import flax
 import jax
@@ -66,6 +69,27 @@ def _metric_names(estimators) -> list[str]:
   return names
 
 
+def family_datasets(est) -> Any:
+  """The data sets of ``est``'s task family if it can be rebound to others
+  (``with_datasets``), else ``None``: a pytree of arrays, or ``None``."""
+  family = getattr(getattr(est, "truncated_step", None), "task_family", None)
+  if family is None or not hasattr(family, "with_datasets"):
+    return None
+  return family.datasets
+
+
+def with_family_datasets(est, datasets):
+  """A shallow copy of ``est`` whose truncated step's family reads ``datasets`` (e.g. the
+  traced argument of a jitted step); ``est`` itself if ``datasets`` is ``None``."""
+  if datasets is None:
+    return est
+  step = copy.copy(est.truncated_step)
+  step.task_family = step.task_family.with_datasets(datasets)
+  out = copy.copy(est)
+  out.truncated_step = step
+  return out
+
+
 class SpmdGradientLearner:
   """Meta-train ``meta_init`` with ``gradient_estimators``, tasks sharded over a mesh.
 
@@ -77,13 +101,15 @@ class SpmdGradientLearner:
     mesh: a ``jax.sharding.Mesh`` with an axis called ``axis_name``; ``None`` means all
       global devices on that one axis.
     axis_name: the mesh axis tasks are sharded over.
-    num_steps: total outer steps, passed to ``theta_opt.init`` (for schedules).
+    datasets_as_arguments: pass the task families' data sets to the compiled programs
+      as replicated arguments (default) instead of closing over them, which embeds them
+      as constants in every program (slower compiles, programs the data set's size).
   """
 
   def __init__(self, meta_init: lopt_base.LearnedOptimizer,
                gradient_estimators: Sequence[estimator_base.GradientEstimator],
                theta_opt: opt_base.Optimizer, mesh: Optional[jax.sharding.Mesh] = None,
-               axis_name: str = sharding.DEFAULT_AXIS, num_steps: Optional[int] = None):
+               axis_name: str = sharding.DEFAULT_AXIS, datasets_as_arguments: bool = True):
     if not gradient_estimators:
       raise ValueError("SpmdGradientLearner needs at least one gradient estimator.")
     self.meta_init = meta_init
@@ -91,7 +117,10 @@ class SpmdGradientLearner:
     self.theta_opt = theta_opt
     self.axis_name = axis_name
     self.mesh = mesh if mesh is not None else sharding.make_mesh(axis_name)
-    self.num_steps = num_steps
+    datasets = tuple(family_datasets(e) if datasets_as_arguments else None
+                     for e in self.gradient_estimators)
+    # Placed once; every call passes the same replicated arrays (no per-call transfer).
+    self._datasets = sharding.replicate(datasets, self.mesh)
     self._num_local = tuple(
         sharding.check_divisible(est.num_tasks, self.mesh, axis_name,
                                  f"estimator {i} ({est.task_name()})")
@@ -103,21 +132,28 @@ class SpmdGradientLearner:
 
   # --- state layout -----------------------------------------------------------------
 
-  def _init_fn(self, key):
+  def _bound_estimators(self, datasets):
+    """The estimators reading ``datasets`` (one entry per estimator, ``None`` = its own)."""
+    return tuple(with_family_datasets(e, d) for e, d in zip(self.gradient_estimators,
+                                                            datasets))
+
+  def _init_fn(self, key, datasets):
     k_theta, k_est = jax.random.split(key)
     theta = self.meta_init.init(k_theta)
-    opt_state = self.theta_opt.init(theta, num_steps=self.num_steps)
+    opt_state = self.theta_opt.init(theta)
     ax = self.axis_name
 
-    def body(theta, key, outer_iteration):
+    def body(theta, key, outer_iteration, datasets):
       outer_state = OuterState(outer_iteration=outer_iteration)
+      ests = self._bound_estimators(datasets)
       return tuple(
           est.init_local(theta, outer_state, jax.random.fold_in(key, i),
                          sharding.local_task_ids(n, ax))
-          for i, (est, n) in enumerate(zip(self.gradient_estimators, self._num_local)))
+          for i, (est, n) in enumerate(zip(ests, self._num_local)))
 
-    est_states = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(), P()),
-                               out_specs=P(ax))(theta, k_est, opt_state.iteration)
+    est_states = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(), P(), P()),
+                               out_specs=P(ax))(theta, k_est, opt_state.iteration,
+                                                datasets)
     return SingleMachineState(GradientLearnerState(opt_state), est_states)
 
   def state_shardings(self, abstract_state=None):
@@ -134,14 +170,14 @@ class SpmdGradientLearner:
 
   def abstract_state(self):
     """Shapes and dtypes of the state, without computing it."""
-    return jax.eval_shape(self._init_fn, jax.random.key(0))
+    return jax.eval_shape(self._init_fn, jax.random.key(0), self._datasets)
 
   # --- the reference API ------------------------------------------------------------
 
   def init(self, key) -> SingleMachineState:
     if self._jit_init is None:
       self._jit_init = jax.jit(self._init_fn, out_shardings=self.state_shardings())
-    return self._jit_init(sharding.replicate(key, self.mesh))
+    return self._jit_init(sharding.replicate(key, self.mesh), self._datasets)
 
   def get_meta_params(self, state: SingleMachineState) -> MetaParams:
     return self.theta_opt.get_params(state.gradient_learner_state.theta_opt_state)
@@ -151,8 +187,9 @@ class SpmdGradientLearner:
     return WorkerWeights(theta=self.theta_opt.get_params(opt_state), theta_model_state=None,
                          outer_state=OuterState(outer_iteration=opt_state.iteration))
 
-  def _estimate(self, state: SingleMachineState, key, datas=None):
+  def _estimate(self, state: SingleMachineState, key, datas, datasets):
     """The sharded half of a meta step: every estimator on every device, reduced.
+    ``datasets``: the task families' data sets (replicated), see ``__init__``.
 
     Returns ``(new_estimator_states, grads per estimator, losses[E], nonfinite[E])``.
     """
@@ -161,10 +198,11 @@ class SpmdGradientLearner:
     theta = self.theta_opt.get_params(opt_state)
     ax = self.axis_name
 
-    def body(theta, est_states, key, outer_iteration, datas):
+    def body(theta, est_states, key, outer_iteration, datas, datasets):
       outer_state = OuterState(outer_iteration=outer_iteration)
       new_states, grads, losses, nonfinite = [], [], [], []
-      for i, (est, n) in enumerate(zip(self.gradient_estimators, self._num_local)):
+      ests = self._bound_estimators(datasets)
+      for i, (est, n) in enumerate(zip(ests, self._num_local)):
         kwargs = {} if datas[i] is None else {"data": datas[i]}
         res = est.estimate_local(theta, est_states[i], jax.random.fold_in(key, i),
                                  sharding.local_task_ids(n, ax), outer_state, **kwargs)
@@ -175,9 +213,9 @@ class SpmdGradientLearner:
       return tuple(new_states), tuple(grads), jnp.stack(losses), jnp.stack(nonfinite)
 
     return jax.shard_map(
-        body, mesh=self.mesh, in_specs=(P(), P(ax), P(), P(), P(None, ax)),
+        body, mesh=self.mesh, in_specs=(P(), P(ax), P(), P(), P(None, ax), P()),
         out_specs=(P(ax), P(), P(), P()))(theta, state.gradient_estimator_states, key,
-                                          opt_state.iteration, datas)
+                                          opt_state.iteration, datas, datasets)
 
   def _check_datas(self, datas):
     """Host-fed batches: ``None`` or one entry per estimator (``None`` = draw on device),
@@ -207,16 +245,17 @@ class SpmdGradientLearner:
     """The averaged meta-gradient and meta-loss of one step, without applying it (and
     without donating ``state``): ``-> (grad, loss)``."""
     if not hasattr(self, "_jit_meta_gradient"):
-      def fn(state, key):
-        _, grads, losses, _ = self._estimate(state, key)
+      def fn(state, key, datasets):
+        _, grads, losses, _ = self._estimate(state, key, None, datasets)
         return jax.tree.map(lambda *g: sum(g) / len(g), *grads), jnp.mean(losses)
       self._jit_meta_gradient = jax.jit(fn)
-    return self._jit_meta_gradient(state, sharding.replicate(key, self.mesh))
+    return self._jit_meta_gradient(state, sharding.replicate(key, self.mesh),
+                                   self._datasets)
 
-  def _step(self, state: SingleMachineState, key, with_metrics: bool, datas=None):
+  def _step(self, state: SingleMachineState, key, with_metrics: bool, datas, datasets):
     opt_state = state.gradient_learner_state.theta_opt_state
     theta = self.theta_opt.get_params(opt_state)
-    new_states, grads, losses, nonfinite = self._estimate(state, key, datas)
+    new_states, grads, losses, nonfinite = self._estimate(state, key, datas, datasets)
     num = len(grads)
     grad = jax.tree.map(lambda *g: sum(g) / num, *grads)
     loss = jnp.mean(losses)
@@ -243,12 +282,13 @@ class SpmdGradientLearner:
     ``datas`` (optional): host-fed batches, one entry per estimator (see ``shard_datas``);
     by default every task draws its batches on device.
     """
-    return self._update_fn(with_metrics)(state, sharding.replicate(key, self.mesh), datas)
+    return self._update_fn(with_metrics)(state, sharding.replicate(key, self.mesh), datas,
+                                         self._datasets)
 
   def _update_fn(self, with_metrics: bool):
     if with_metrics not in self._jit_update:
       self._jit_update[with_metrics] = jax.jit(
-          lambda s, k, d: self._step(s, k, with_metrics, d), donate_argnums=(0,))
+          lambda s, k, d, ds: self._step(s, k, with_metrics, d, ds), donate_argnums=(0,))
     return self._jit_update[with_metrics]
 
   def lower_update(self, state: SingleMachineState, key, steps_per_call: int = 1,
@@ -259,8 +299,9 @@ class SpmdGradientLearner:
     ``update`` the compile is a cache hit. Does not consume ``state``."""
     key = sharding.replicate(key, self.mesh)
     if steps_per_call == 1:
-      return self._update_fn(with_metrics).lower(state, key, None)
-    return self._update_many_fn(steps_per_call, with_metrics).lower(state, key)
+      return self._update_fn(with_metrics).lower(state, key, None, self._datasets)
+    return self._update_many_fn(steps_per_call, with_metrics).lower(state, key,
+                                                                     self._datasets)
 
   def update_many(self, state: SingleMachineState, key, num_steps: int,
                   with_metrics: bool = False):
@@ -270,14 +311,14 @@ class SpmdGradientLearner:
     turn; returns ``(state, losses[num_steps], metrics with a leading [num_steps] axis)``.
     """
     return self._update_many_fn(num_steps, with_metrics)(
-        state, sharding.replicate(key, self.mesh))
+        state, sharding.replicate(key, self.mesh), self._datasets)
 
   def _update_many_fn(self, num_steps: int, with_metrics: bool):
     cache_key = (num_steps, with_metrics)
     if cache_key not in self._jit_update_many:
-      def many(state, key):
+      def many(state, key, datasets):
         def body(s, k):
-          s, loss, m = self._step(s, k, with_metrics)
+          s, loss, m = self._step(s, k, with_metrics, None, datasets)
           return s, (loss, m)
         state, (losses, metrics) = jax.lax.scan(body, state, jax.random.split(key, num_steps))
         return state, losses, metrics
@@ -302,8 +343,9 @@ class SingleMachineGradientLearner(SpmdGradientLearner):
                                                       theta_opt, num_steps=num_steps)
 
   def __init__(self, meta_init, gradient_estimators, theta_opt, num_steps=None):
+    del num_steps  # the reference's argument; no outer optimizer here has a schedule
     super().__init__(meta_init, gradient_estimators, theta_opt,
-                     mesh=sharding.make_mesh(num_devices=1), num_steps=num_steps)
+                     mesh=sharding.make_mesh(num_devices=1))
 
   def get_lopt_params(self, state: SingleMachineState) -> MetaParams:
     """The reference's name for ``get_meta_params``."""

@@ -127,6 +127,11 @@ class _SingleTaskFamily(TaskFamily):
   def datasets(self):
     return self._task.datasets
 
+  def with_datasets(self, datasets):
+    """The family of ``task.with_datasets(datasets)`` (tasks with data only)."""
+    bind = lambda t: t.with_datasets(datasets) if hasattr(t, "with_datasets") else t
+    return _SingleTaskFamily(bind(self._task), self.name, bind(self._eval_task))
+
 
 def single_task_to_family(task: Task, name: Optional[str] = None,
                           eval_task: Optional[Task] = None) -> TaskFamily:
