@@ -28,6 +28,7 @@ baseline (``Adam`` itself has ratio and speedup 1 by construction).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -95,6 +96,25 @@ class RunCache:
     return curves
 
 
+@functools.lru_cache(maxsize=16)
+def _family(entry: suite_lib.SuiteTask):
+  return entry.build()
+
+
+@functools.lru_cache(maxsize=64)
+def _program(entry: suite_lib.SuiteTask, optimizer, eval_batches: int):
+  """The jitted ``(hparams[1, ...], keys[S]) -> curves`` of ``optimizer`` (a ``Baseline``:
+  hparams are a grid point; a learned optimizer: hparams are theta) on ``entry``; cached,
+  so later suite runs in the same process (a resumed one, another theta) reuse it."""
+  def make_opt(h):
+    if isinstance(optimizer, suite_lib.Baseline):
+      return optimizer.make(*h)
+    return optimizer.opt_fn(h, is_training=False)
+
+  return jax.jit(sweep_fn(_family(entry), make_opt, entry.steps, entry.eval_every,
+                          eval_batches, SPLITS))
+
+
 def _curves_to_record(curves: dict, eval_every: int) -> dict:
   """Device curves of one run ([1, S, ...]) -> the stored record (lists)."""
   c = {k: np.asarray(v)[0] for k, v in curves.items()}
@@ -160,22 +180,16 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
     t0, computed0 = time.time(), cache.computed
     if bar is not None:
       bar.set_postfix_str(entry.label)
-    family = entry.build()
     keys = jax.random.split(
         jax.random.fold_in(root, zlib.crc32(entry.name.encode()) & 0x7FFFFFFF), suite.seeds)
     base_desc = {"task": entry.name, "steps": entry.steps, "seeds": suite.seeds,
                  "seed": seed, "eval_every": entry.eval_every,
                  "eval_batches": suite.eval_batches, "splits": list(SPLITS)}
 
-    def run_all(make_opt, points, descs, entry=entry, family=family, keys=keys,
-                base_desc=base_desc):
-      fn = [None]  # compiled on the first uncached run only
+    def run_all(optimizer, points, descs, entry=entry, keys=keys, base_desc=base_desc):
 
       def compute(point):
-        if fn[0] is None:
-          fn[0] = jax.jit(sweep_fn(family, make_opt, entry.steps, entry.eval_every,
-                                   suite.eval_batches, SPLITS))
-        curves = jax.device_get(fn[0](point, keys))
+        curves = jax.device_get(_program(entry, optimizer, suite.eval_batches)(point, keys))
         out = _curves_to_record(curves, entry.eval_every)
         if on_run is not None:
           on_run(cache.computed + 1)
@@ -187,15 +201,14 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
     baselines_out = {}
     for b in suite.baselines:
       points = [jnp.asarray([pt], jnp.float32) for pt in b.grid]
-      recs = run_all(lambda h, b=b: b.make(*h), points,
+      recs = run_all(b, points,
                      [{"optimizer": b.name, "hparams": list(pt)} for pt in b.grid])
       runs = {b.label(pt): r for pt, r in zip(b.grid, recs)}
       best = min(runs, key=lambda k: _score(runs[k]))
       baselines_out[b.name] = {"best": best, "runs": runs}
     opts_out = {}
     for label, spec, lopt, theta, meta in lopt_meta:
-      rec, = run_all(lambda th, lopt=lopt: lopt.opt_fn(th, is_training=False),
-                     [jax.tree.map(lambda x: jnp.asarray(x)[None], theta)],
+      rec, = run_all(lopt, [jax.tree.map(lambda x: jnp.asarray(x)[None], theta)],
                      [{"optimizer": "learned", **meta}])
       opts_out[label] = {"spec": spec, "lopt_class": meta["class"],
                          "lopt_config": meta["config"], **rec}
