@@ -34,7 +34,7 @@ def markdown_table(result: dict) -> str:
                    f"{100 * a['reached_fraction']:.0f}% |")
   labels = list(aggs)
   lines += ["", "Per task: median over seeds of loss ratio / speedup; tuned Adam's final "
-            "test loss and learning rate.", "",
+            "test loss and learning rate († = at the edge of its grid).", "",
             "| task | tuned Adam (lr) | " + " | ".join(labels) + " |",
             "|---|---|" + "---|" * len(labels)]
   for tl, t in result["tasks"].items():
@@ -45,7 +45,9 @@ def markdown_table(result: dict) -> str:
       m = t["metrics"][l]
       cells.append(f"{_fmt(np.median(np.asarray(m['loss_ratio'], float)))} / "
                    f"{_fmt(np.median(np.asarray(m['speedup'], float)))}")
-    lines.append(f"| {tl} | {_fmt(best['final_test_mean'], 4)} ({adam['best']}) | "
+    keys = list(adam["runs"])
+    edge = " †" if adam["best"] in (keys[0], keys[-1]) else ""
+    lines.append(f"| {tl} | {_fmt(best['final_test_mean'], 4)} ({adam['best']}{edge}) | "
                  + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -101,6 +103,7 @@ def plot_summary(result: dict, path: str) -> None:
   """Two panels: loss-ratio IQM and speedup IQM per optimizer and horizon, with the 95%
   intervals as error bars; the dashed line at 1 is tuned Adam."""
   plt = _plt()
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   aggs = result["aggregates"]
   labels = list(aggs)
   horizons = list(next(iter(aggs.values()))) if aggs else []
@@ -126,6 +129,7 @@ def plot_summary(result: dict, path: str) -> None:
     ax.set_yticks(ticks)
     ax.set_yticklabels(names, fontsize=7)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # minor labels overlap
     ax.invert_yaxis()
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both", axis="x")

@@ -18,8 +18,9 @@ Result (``run_suite``'s return, the CLI's JSON): ``suite``, ``seeds``, ``seed``,
 ``eval_batches``, ``tasks`` ``{label: {name, steps, kind, eval_every, eval_step i[E],
 seconds, baselines {name: {best, runs {point label: curves}}}, optimizers {label:
 curves}, metrics {label: {loss_ratio f[S], speedup f[S], reached bool[S]}}}}``,
-``aggregates`` ``{label: {horizon ("all" | "@<steps>"): {loss_ratio, speedup: {iqm,
-ci_low, ci_high, n_tasks, n_seeds}}}}``, ``stats`` ``{computed, cached}``. Curves:
+``aggregates`` ``{label: {horizon ("all", and "@<steps>" when there are several):
+{loss_ratio, speedup: {iqm, ci_low, ci_high, n_tasks, n_seeds}, reached_fraction}}}``,
+``stats`` ``{computed, cached}``. Curves:
 ``valid_loss``, ``test_loss`` f[S][E] (mean over ``eval_batches`` batches),
 ``train_loss`` f[S][E-1] (mean batch loss over each eval interval), and
 ``final_{valid,test}_mean``. The optimizers compared are the learned ones and every tuned
@@ -239,13 +240,14 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
 
 def aggregates(tasks_out: dict, reps: int = 2000, seed: int = 0) -> dict:
   """IQM and 95% stratified-bootstrap intervals of each optimizer's loss ratio and
-  speedup, over all tasks ("all") and per horizon ("@<steps>")."""
+  speedup, over all tasks ("all") and, when the suite has several horizons, per horizon
+  ("@<steps>")."""
   labels = list(next(iter(tasks_out.values()))["metrics"]) if tasks_out else []
   horizons = sorted({t["steps"] for t in tasks_out.values()})
   out = {}
   for label in labels:
     out[label] = {}
-    for h in ["all"] + [f"@{h}" for h in horizons]:
+    for h in ["all"] + ([f"@{h}" for h in horizons] if len(horizons) > 1 else []):
       sel = [t for t in tasks_out.values() if h == "all" or f"@{t['steps']}" == h]
       out[label][h] = {
           m: metrics.aggregate(np.stack([np.asarray(t["metrics"][label][m], float)
