@@ -81,7 +81,7 @@ def test_suite_runner_tunes_scores_and_resumes_from_its_cache(tmp_path):
   json.dumps(metrics.strict_json(fresh), allow_nan=False)
 
 
-def _cli(args, timeout=300):
+def _cli(args, timeout=900):
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env["XLA_FLAGS"] = ""

@@ -15,9 +15,11 @@ from spmd_lopt.tasks.fixed import transformer_lm
 # (steps, Adam lr): a few steps at a rate that moves each task quickly
 FAST = {"NoisyQuadratic_10_cond1000": (20, 0.1), "TransformerLM_Copy8x8": (40, 1e-2),
         "Conv_Digits8_16x32": (30, 3e-2)}
-# the costlier compiles run with the slow tests; the default run keeps one of each data kind
+# the costlier compiles run with the slow tests (ImageMLP_Digits8_Relu32 also trains under
+# Adam in test_eval_training); the default run keeps the new digits task and the quadratic
 SLOW = {"TransformerLM_Copy8x8", "Conv_Digits8_16x32", "ImageMLP_Digits8_Relu128x128",
-        "ImageMLP_Digits8_Relu64x64x64", "LayerNormMLP_Digits8_64x64"}
+        "ImageMLP_Digits8_Relu64x64x64", "LayerNormMLP_Digits8_64x64",
+        "ImageMLP_Digits8_Relu32"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW
@@ -72,7 +74,7 @@ def test_quadratic_validation_and_test_are_noise_free():
   p = task.init(jax.random.key(1))
   losses = [task.loss(p, None, task.sample_batch(jax.random.key(i), "test"))
             for i in range(3)]
-  assert float(jnp.std(jnp.stack(losses))) == 0.0 and float(losses[0]) > 0
+  assert len({float(l) for l in losses}) == 1 and float(losses[0]) > 0  # no noise
   noisy = [task.loss(p, None, task.sample_batch(jax.random.key(i), "train"))
            for i in range(3)]
   assert float(jnp.std(jnp.stack(noisy))) > 0
