@@ -1,0 +1,258 @@
+"""Run a suite: every baseline grid point and every learned optimizer on every task,
+with a resumable on-disk cache, then the per-task tuning and the suite metrics.
+
+A *run* is one (task, optimizer, hyper-parameters or theta) with all the suite's seeds
+in one jitted, seed-vmapped program (``sweep.sweep_fn``); its curves are written to
+``<out>/cache/<task label>/<sha256 of the run's description>.json`` (strict JSON) as soon
+as it finishes, and a later ``run_suite`` with the same out dir reads them instead of
+recomputing, so an interrupted suite continues where it stopped. The description holds
+everything the numbers depend on (task, steps, seeds, eval schedule, root seed, the
+optimizer and its hyper-parameters, a learned optimizer's class, config and a digest of
+theta), so a changed theta or grid is a new run, never a stale one.
+
+Per seed ``s`` and task, every optimizer sees the same task sample, init and batches
+(common random numbers); seeds come from ``fold_in(suite_key(seed), crc32(task name))``,
+so a task's numbers do not depend on which other tasks are in the suite.
+
+Result (``run_suite``'s return, the CLI's JSON): ``suite``, ``seeds``, ``seed``,
+``eval_batches``, ``tasks`` ``{label: {name, steps, kind, eval_every, eval_step i[E],
+seconds, baselines {name: {best, runs {point label: curves}}}, optimizers {label:
+curves}, metrics {label: {loss_ratio f[S], speedup f[S], reached bool[S]}}}}``,
+``aggregates`` ``{label: {horizon ("all", and "@<steps>" when there are several):
+{loss_ratio, speedup: {iqm, ci_low, ci_high, n_tasks, n_seeds}, reached_fraction}}}``,
+``stats`` ``{computed, cached}``. Curves:
+``valid_loss``, ``test_loss`` f[S][E] (mean over ``eval_batches`` batches),
+``train_loss`` f[S][E-1] (mean batch loss over each eval interval), and
+``final_{valid,test}_mean``. The optimizers compared are the learned ones and every tuned
+baseline (``Adam`` itself has ratio and speedup 1 by construction).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+import zlib
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spmd_lopt.evaluation import metrics
+from spmd_lopt.evaluation import suite as suite_lib
+from spmd_lopt.evaluation import training
+from spmd_lopt.evaluation.sweep import sweep_fn
+from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
+
+SPLITS = (suite_lib.VALID_SPLIT, suite_lib.TEST_SPLIT)
+
+
+def theta_digest(theta) -> str:
+  """sha256 over theta's leaves (shapes, dtypes, bytes) in tree order."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(theta)):
+    a = np.asarray(leaf)
+    h.update(f"{a.shape}{a.dtype}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+class RunCache:
+  """One strict-JSON file per finished run; counts what it computed and what it read."""
+
+  def __init__(self, out_dir: Optional[str]):
+    self.root = None if out_dir is None else os.path.join(out_dir, "cache")
+    self.computed = 0
+    self.cached = 0
+
+  def _path(self, task_label: str, desc: dict) -> Optional[str]:
+    if self.root is None:
+      return None
+    digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+    return os.path.join(self.root, task_label.replace("/", "_"), digest + ".json")
+
+  def get_or_run(self, task_label: str, desc: dict, compute: Callable[[], dict]) -> dict:
+    path = self._path(task_label, desc)
+    if path is not None and os.path.exists(path):
+      try:
+        with open(path) as f:
+          rec = json.load(f)
+        if rec.get("desc") == json.loads(json.dumps(desc)):
+          self.cached += 1
+          return rec["curves"]
+      except (OSError, ValueError):
+        pass  # a file cut short by an interrupt: recompute it
+    curves = metrics.strict_json(compute())
+    self.computed += 1
+    if path is not None:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump({"desc": desc, "curves": curves}, f, allow_nan=False)
+      os.replace(tmp, path)  # atomic: a reader never sees half a run
+    return curves
+
+
+@functools.lru_cache(maxsize=16)
+def _family(entry: suite_lib.SuiteTask):
+  return entry.build()
+
+
+@functools.lru_cache(maxsize=64)
+def _program(entry: suite_lib.SuiteTask, optimizer, eval_batches: int):
+  """The jitted ``(hparams[1, ...], keys[S]) -> curves`` of ``optimizer`` (a ``Baseline``:
+  hparams are a grid point; a learned optimizer: hparams are theta) on ``entry``; cached,
+  so later suite runs in the same process (a resumed one, another theta) reuse it."""
+  def make_opt(h):
+    if isinstance(optimizer, suite_lib.Baseline):
+      return optimizer.make(*h)
+    return optimizer.opt_fn(h, is_training=False)
+
+  return jax.jit(sweep_fn(_family(entry), make_opt, entry.steps, entry.eval_every,
+                          eval_batches, SPLITS))
+
+
+def _curves_to_record(curves: dict, eval_every: int) -> dict:
+  """Device curves of one run ([1, S, ...]) -> the stored record (lists)."""
+  c = {k: np.asarray(v)[0] for k, v in curves.items()}
+  train = c["train/loss"]
+  e = train.shape[1] // eval_every
+  blocks = [train[:, i * eval_every:(i + 1) * eval_every].mean(1) for i in range(e)]
+  if train.shape[1] % eval_every:
+    blocks.append(train[:, e * eval_every:].mean(1))
+  valid, test = c[f"eval/{SPLITS[0]}/loss"], c[f"eval/{SPLITS[1]}/loss"]
+  return {"train_loss": np.stack(blocks, 1), "valid_loss": valid, "test_loss": test,
+          "final_valid_mean": float(np.mean(valid[:, -1])),
+          "final_test_mean": float(np.mean(test[:, -1]))}
+
+
+def _score(rec: dict) -> float:
+  v = rec["final_valid_mean"]
+  return math.inf if v is None or not math.isfinite(v) else v
+
+
+def _finals(rec) -> np.ndarray:
+  return np.asarray([np.nan if r[-1] is None else r[-1] for r in rec["test_loss"]], float)
+
+
+def _curve_array(rows) -> np.ndarray:
+  return np.asarray([[np.nan if x is None else x for x in r] for r in rows], np.float64)
+
+
+def task_metrics(eval_step, adam: dict, other: dict) -> dict:
+  """Per-seed loss ratio and speedup of ``other`` against tuned ``adam`` (records)."""
+  sp, reached = metrics.speedups(eval_step, _curve_array(adam["test_loss"]),
+                                 _curve_array(other["test_loss"]))
+  return {"loss_ratio": metrics.loss_ratio(_finals(other), _finals(adam)),
+          "speedup": sp, "reached": reached}
+
+
+def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]],
+              out_dir: Optional[str], seed: int = 0, progress: bool = False,
+              on_run: Optional[Callable[[int], None]] = None,
+              bootstrap_reps: int = 2000) -> dict:
+  """Run ``suite`` for learned optimizers ``lopts`` = ``[(label, spec, lopt, theta)]``.
+
+  ``on_run(n)`` is called after each computed (not cached) run with the number computed
+  so far (progress hooks; tests interrupt through it). Returns the dict described in the
+  module doc (numpy arrays inside; ``metrics.strict_json`` makes it JSON).
+  """
+  labels = [l for l, *_ in lopts]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"learned optimizer labels must be unique, got {labels}.")
+  reserved = {b.name for b in suite.baselines} & set(labels)
+  if reserved:
+    raise ValueError(f"learned optimizer labels {sorted(reserved)} clash with baselines.")
+  cache = RunCache(out_dir)
+  root = suite_lib.suite_key(seed)
+  lopt_meta = [(label, spec, lopt, theta, {
+      "class": lopt_checkpoint.class_path(type(lopt)), "config": lopt.config,
+      "theta": theta_digest(theta)}) for label, spec, lopt, theta in lopts]
+  tasks_out = {}
+  bar = None
+  if progress:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=len(suite.tasks), desc=f"suite {suite.name}", unit="task")
+  for entry in suite.tasks:
+    t0, computed0 = time.time(), cache.computed
+    if bar is not None:
+      bar.set_postfix_str(entry.label)
+    keys = jax.random.split(
+        jax.random.fold_in(root, zlib.crc32(entry.name.encode()) & 0x7FFFFFFF), suite.seeds)
+    base_desc = {"task": entry.name, "steps": entry.steps, "seeds": suite.seeds,
+                 "seed": seed, "eval_every": entry.eval_every,
+                 "eval_batches": suite.eval_batches, "splits": list(SPLITS)}
+
+    def run_all(optimizer, points, descs, entry=entry, keys=keys, base_desc=base_desc):
+
+      def compute(point):
+        curves = jax.device_get(_program(entry, optimizer, suite.eval_batches)(point, keys))
+        out = _curves_to_record(curves, entry.eval_every)
+        if on_run is not None:
+          on_run(cache.computed + 1)
+        return out
+
+      return [cache.get_or_run(entry.label, {**base_desc, **d},
+                               lambda p=p: compute(p)) for p, d in zip(points, descs)]
+
+    baselines_out = {}
+    for b in suite.baselines:
+      points = [jnp.asarray([pt], jnp.float32) for pt in b.grid]
+      recs = run_all(b, points,
+                     [{"optimizer": b.name, "hparams": list(pt)} for pt in b.grid])
+      runs = {b.label(pt): r for pt, r in zip(b.grid, recs)}
+      best = min(runs, key=lambda k: _score(runs[k]))
+      baselines_out[b.name] = {"best": best, "runs": runs}
+    opts_out = {}
+    for label, spec, lopt, theta, meta in lopt_meta:
+      rec, = run_all(lopt, [jax.tree.map(lambda x: jnp.asarray(x)[None], theta)],
+                     [{"optimizer": "learned", **meta}])
+      opts_out[label] = {"spec": spec, "lopt_class": meta["class"],
+                         "lopt_config": meta["config"], **rec}
+    eval_step = training.eval_step_schedule(entry.steps, entry.eval_every)
+    adam_name = suite.baselines[0].name
+    adam = baselines_out[adam_name]["runs"][baselines_out[adam_name]["best"]]
+    compared = {**{l: r for l, r in opts_out.items()},
+                **{f"tuned {n}": v["runs"][v["best"]] for n, v in baselines_out.items()}}
+    tasks_out[entry.label] = {
+        "name": entry.name, "steps": entry.steps, "kind": entry.kind,
+        "eval_every": entry.eval_every, "eval_step": eval_step,
+        "seconds": time.time() - t0, "runs_computed": cache.computed - computed0,
+        "baselines": baselines_out, "optimizers": opts_out,
+        "metrics": {l: task_metrics(eval_step, adam, r) for l, r in compared.items()}}
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  return {"suite": suite.name, "seeds": suite.seeds, "seed": seed,
+          "eval_batches": suite.eval_batches,
+          "baseline_grids": {b.name: {"hparams": list(b.hparam_names),
+                                      "grid": [list(p) for p in b.grid]}
+                             for b in suite.baselines},
+          "tasks": tasks_out,
+          "aggregates": aggregates(tasks_out, reps=bootstrap_reps, seed=seed),
+          "stats": {"computed": cache.computed, "cached": cache.cached}}
+
+
+def aggregates(tasks_out: dict, reps: int = 2000, seed: int = 0) -> dict:
+  """IQM and 95% stratified-bootstrap intervals of each optimizer's loss ratio and
+  speedup, over all tasks ("all") and, when the suite has several horizons, per horizon
+  ("@<steps>")."""
+  labels = list(next(iter(tasks_out.values()))["metrics"]) if tasks_out else []
+  horizons = sorted({t["steps"] for t in tasks_out.values()})
+  out = {}
+  for label in labels:
+    out[label] = {}
+    for h in ["all"] + ([f"@{h}" for h in horizons] if len(horizons) > 1 else []):
+      sel = [t for t in tasks_out.values() if h == "all" or f"@{t['steps']}" == h]
+      out[label][h] = {
+          m: metrics.aggregate(np.stack([np.asarray(t["metrics"][label][m], float)
+                                         for t in sel]), reps=reps, seed=seed)
+          for m in ("loss_ratio", "speedup")}
+      out[label][h]["reached_fraction"] = float(np.mean(
+          [np.mean(t["metrics"][label]["reached"]) for t in sel]))
+  return out

@@ -1,0 +1,204 @@
+"""The held-out evaluation suites: which tasks, at which horizons, against which baselines.
+
+Every task is defined in the package and needs no files (the 8x8 digits are embedded;
+the other data are generated on device). Each ``SuiteTask`` is a task family (a fixed task
+is the family whose every sample is that task) trained for ``steps`` inner steps; its
+curves record the ``"inner_valid"`` split (the validation split that picks each
+baseline's learning rate) and the ``"test"`` split (the reported numbers).
+
+``full`` (``MT_HORIZON = 300`` is the default meta-training job's longest trajectory;
+every task appears at ``300`` and ``5 x 300 = 1500`` steps, 5 seeds):
+  * in distribution: ``ImageMLP_Digits8_Relu32`` (the default job's image task);
+  * larger and deeper: ``ImageMLP_Digits8_Relu128x128``, ``ImageMLP_Digits8_Relu64x64x64``
+    (3 hidden layers), ``Conv_Digits8_16x32``, ``Autoencoder_Digits8_32x16x32``;
+  * other kinds: ``TransformerLM_Copy8x8`` (2-layer causal transformer, copying task made
+    on device), ``NoisyQuadratic_10_cond1000`` (random rotated quadratics, condition number
+    up to 1000, gradient noise; evaluated noise-free) and ``LayerNormMLP_Digits8_64x64``.
+
+``quick`` (what the tests run; under 2 minutes on a 2-core CPU): ``ImageMLP_Digits8_Relu32``
+and ``NoisyQuadratic_10_cond1000`` at 60 steps, 2 seeds, the same grids for Adam and SGD
+with momentum and AdamW at one weight decay (0.01).
+
+Baselines (tuned per task on the validation split's final loss, mean over seeds; a
+diverged run counts as ``+inf``): ``Adam`` over ``ADAM_LRS`` (9 points, 1e-4 .. 1,
+half-decade steps), ``AdamW`` over ``ADAM_LRS`` x ``WEIGHT_DECAYS``, ``SGDM`` (momentum
+0.9) over ``SGDM_LRS`` (the same 9 points).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from spmd_lopt.optimizers import base as opt_base
+from spmd_lopt.tasks import base as tasks_base
+from spmd_lopt.tasks import quadratics
+from spmd_lopt.tasks.fixed import autoencoder, conv, image_mlp, norm_mlp, transformer_lm
+from spmd_lopt.tasks.fixed.classification import ImageClassificationTask
+
+MT_HORIZON = 300
+VALID_SPLIT, TEST_SPLIT = "inner_valid", "test"
+# half-decade grids, 9 points each; runs are cheap next to the compile of each optimizer's
+# program, so wide grids keep the tuned optimum off the grid's edges for little time
+ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+SGDM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+WEIGHT_DECAYS = (1e-2, 1e-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+  """A hand-designed optimizer and its tuning grid: ``make(*grid[i])`` is grid point i."""
+  name: str
+  make: Callable[..., opt_base.Optimizer]
+  grid: tuple[tuple[float, ...], ...]
+  hparam_names: tuple[str, ...]
+
+  def label(self, point: Sequence[float]) -> str:
+    return ",".join(f"{n}={v:g}" for n, v in zip(self.hparam_names, point))
+
+
+def _adamw(lr, wd):
+  return opt_base.AdamW(lr, weight_decay=wd)
+
+
+def _sgdm(lr):
+  return opt_base.SGDM(lr, momentum=0.9)
+
+
+def baselines(weight_decays: Sequence[float] = WEIGHT_DECAYS) -> tuple[Baseline, ...]:
+  """Adam (the reference every metric is relative to: it comes first), AdamW, SGDM."""
+  return (Baseline("Adam", opt_base.Adam, tuple((lr,) for lr in ADAM_LRS), ("lr",)),
+          Baseline("AdamW", _adamw, tuple((lr, wd) for wd in weight_decays
+                                          for lr in ADAM_LRS), ("lr", "wd")),
+          Baseline("SGDM", _sgdm, tuple((lr,) for lr in SGDM_LRS), ("lr",)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteTask:
+  """``build()`` -> a ``TaskFamily``; trained ``steps`` steps; ``label`` = name@steps."""
+  name: str
+  build: Callable[[], tasks_base.TaskFamily]
+  steps: int
+  kind: str  # "in-distribution" | "larger" | "other"
+
+  @property
+  def label(self) -> str:
+    return f"{self.name}@{self.steps}"
+
+  @property
+  def eval_every(self) -> int:
+    return max(1, self.steps // 30)
+
+
+class _NoiseFreeEval(tasks_base.Task):
+  """A noisy quadratic whose non-train splits see zero gradient noise, so its validation
+  and test loss is the clean ``1/2 (p - c)^T A (p - c) >= 0`` (a ratio of two such losses
+  is meaningful; the noisy one can be negative)."""
+
+  def __init__(self, inner):
+    self.inner, self.name = inner, inner.name
+
+  def init(self, key):
+    return self.inner.init(key)
+
+  def loss(self, params, key, data):
+    return self.inner.loss(params, key, data)
+
+  def sample_batch(self, key, split="train"):
+    batch = self.inner.sample_batch(key, split)
+    return batch if split == "train" else jnp.zeros_like(batch)
+
+
+class _NoiseFreeEvalFamily(tasks_base.TaskFamily):
+
+  def __init__(self, family):
+    self.family, self.name = family, family.name
+
+  def sample(self, key):
+    return self.family.sample(key)
+
+  def task_fn(self, task_param):
+    return _NoiseFreeEval(self.family.task_fn(task_param))
+
+
+def _fixed(builder: Callable[[], tasks_base.Task]) -> Callable[[], tasks_base.TaskFamily]:
+  return lambda: tasks_base.single_task_to_family(builder())
+
+
+def _mlp3():
+  from spmd_lopt import datasets as ds_lib  # pylint: disable=import-outside-toplevel
+  ds = ds_lib.digits8_datasets(128)
+  return ImageClassificationTask(image_mlp.MLP((64, 64, 64), ds.num_classes), ds,
+                                 name="ImageMLP_Digits8_Relu64x64x64")
+
+
+def _quadratic():
+  return _NoiseFreeEvalFamily(quadratics.NoisyQuadraticFamily(dim=10, max_condition=1000.0))
+
+
+# name -> (family builder, kind)
+TASKS: dict[str, tuple[Callable[[], tasks_base.TaskFamily], str]] = {
+    "ImageMLP_Digits8_Relu32": (_fixed(image_mlp.ImageMLP_Digits8_Relu32), "in-distribution"),
+    "ImageMLP_Digits8_Relu128x128": (_fixed(image_mlp.ImageMLP_Digits8_Relu128x128),
+                                     "larger"),
+    "ImageMLP_Digits8_Relu64x64x64": (_fixed(_mlp3), "larger"),
+    "Conv_Digits8_16x32": (_fixed(conv.Conv_Digits8_16x32), "larger"),
+    "Autoencoder_Digits8_32x16x32": (_fixed(autoencoder.Autoencoder_Digits8_32x16x32),
+                                     "larger"),
+    "TransformerLM_Copy8x8": (_fixed(transformer_lm.TransformerLM_Copy8x8), "other"),
+    "NoisyQuadratic_10_cond1000": (_quadratic, "other"),
+    "LayerNormMLP_Digits8_64x64": (_fixed(norm_mlp.LayerNormMLP_Digits8_64x64), "other"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  name: str
+  tasks: tuple[SuiteTask, ...]
+  seeds: int
+  baselines: tuple[Baseline, ...]
+  eval_batches: int = 5
+
+
+def _entries(names, horizons):
+  return tuple(SuiteTask(n, TASKS[n][0], h, TASKS[n][1]) for h in horizons for n in names)
+
+
+def _suites() -> dict[str, Suite]:
+  return {
+      "full": Suite("full", _entries(list(TASKS), (MT_HORIZON, 5 * MT_HORIZON)), seeds=5,
+                    baselines=baselines()),
+      "quick": Suite("quick", _entries(["ImageMLP_Digits8_Relu32",
+                                        "NoisyQuadratic_10_cond1000"], (60,)),
+                     seeds=2, baselines=baselines((1e-2,)), eval_batches=3),
+  }
+
+
+SUITE_NAMES = ("full", "quick")
+
+
+def get_suite(name: str) -> Suite:
+  """The suite called ``name`` (``full`` or ``quick``); ValueError otherwise."""
+  suites = _suites()
+  if name not in suites:
+    raise ValueError(f"unknown suite {name!r}; known: {', '.join(suites)}.")
+  return suites[name]
+
+
+def task_suite(names: Sequence[str], horizons: Sequence[int], seeds: int,
+               name: str = "custom", eval_batches: int = 5,
+               weight_decays: Sequence[float] = WEIGHT_DECAYS) -> Suite:
+  """A suite of ``TASKS[names]`` at ``horizons`` (for tests and ad-hoc studies)."""
+  bad = [n for n in names if n not in TASKS]
+  if bad:
+    raise ValueError(f"unknown suite task(s) {bad}; known: {', '.join(TASKS)}.")
+  return Suite(name, _entries(list(names), tuple(horizons)), int(seeds),
+               baselines(weight_decays), eval_batches)
+
+
+def suite_key(seed: int = 0) -> jax.Array:
+  """The root key of suite runs (distinct from any meta-training key chain)."""
+  return jax.random.fold_in(jax.random.key(seed), 0x5017E)
