@@ -184,7 +184,7 @@ def make_estimator(family, lopt, cfg):
   """One estimator for ``family``. Truncated estimators (pes, nres, truncated_grad) unroll
   ``trunc_length`` steps of trajectories whose lengths come from ``config.truncation``;
   full_es unrolls whole trajectories with those lengths (its truncated step never ends
-  a trajectory itself; the chunk size is ``trunc_length`` when it divides max_length)."""
+  a trajectory itself; its scan runs in chunks of ``trunc_length`` steps)."""
   if cfg.estimator not in ESTIMATORS:
     raise ValueError(f"Unknown estimator {cfg.estimator!r}. Known: {', '.join(ESTIMATORS)}.")
   sched = make_trunc_sched(cfg)
@@ -192,8 +192,7 @@ def make_estimator(family, lopt, cfg):
     step = lopt_truncated_step.VectorizedLOptTruncatedStep(
         family, lopt, truncation_schedule.NeverEndingTruncationSchedule(),
         num_tasks=cfg.num_tasks)
-    chunk = cfg.trunc_length if sched.max_length % cfg.trunc_length == 0 else None
-    return full_es.FullES(step, sched, std=cfg.std, steps_per_jit=chunk)
+    return full_es.FullES(step, sched, std=cfg.std, chunk_length=cfg.trunc_length)
   step = lopt_truncated_step.VectorizedLOptTruncatedStep(
       family, lopt, sched, num_tasks=cfg.num_tasks,
       random_initial_iteration_offset=cfg.random_initial_iteration_offset)
