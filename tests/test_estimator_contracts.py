@@ -200,32 +200,49 @@ def test_full_grad_tells_the_optimizer_the_drawn_length():
 # --- one interface ----------------------------------------------------------------------
 
 
-def test_every_estimator_takes_data_and_the_whole_unroll_ones_refuse_it_in_one_line():
-  lopt = _lopt()
+def _ests(lopt):
   never = ts.NeverEndingTruncationSchedule()
-  ests = {
+  return {
       "pes": truncated_pes.TruncatedPES(truncated_step=_quad_step(
           lopt, ts.ConstantTruncationSchedule(20)), trunc_length=3),
       "nres": truncated_nres.TruncatedNRES(truncated_step=_quad_step(
           lopt, ts.ConstantTruncationSchedule(20)), trunc_length=3),
       "tgrad": truncated_grad.TruncatedGrad(
-          _quad_step(lopt, ts.ConstantTruncationSchedule(20)), unroll_length=3),
+          _quad_step(lopt, ts.ConstantTruncationSchedule(20)), unroll_length=3,
+          use_remat=True, remat_chunk=2),
       "full_es": full_es.FullES(_quad_step(lopt, never), ts.ConstantTruncationSchedule(3)),
       "full_grad": full_grad.FullGrad(_quad_step(lopt, never),
                                       ts.ConstantTruncationSchedule(3)),
   }
+
+
+def test_whole_unroll_estimators_refuse_host_data_in_one_line():
+  lopt = _lopt()
   theta = lopt.init(jax.random.key(0))
   ids = jnp.arange(4)
-  data = jnp.zeros((3, 4, 1))  # quadratics ignore their data
-  for name, est in ests.items():
-    state = est.init_local(theta, OS, jax.random.key(1), ids)
-    if name.startswith("full"):
-      with pytest.raises(ValueError, match="cannot use host-fed data"):
-        est.estimate_local(theta, state, jax.random.key(2), ids, OS, data=data)
-      continue
-    with_data = est.estimate_local(theta, state, jax.random.key(2), ids, OS, data=data)
-    without = est.estimate_local(theta, state, jax.random.key(2), ids, OS, data=None)
-    np.testing.assert_allclose(float(with_data.loss), float(without.loss), rtol=1e-6)
+  for name in ("full_es", "full_grad"):
+    est = _ests(lopt)[name]
+    with pytest.raises(ValueError, match=f"{type(est).__name__} draws its batches on "
+                       "device and cannot use host-fed data"):
+      est.estimate_local(theta, est.init_local(theta, OS, jax.random.key(1), ids),
+                         jax.random.key(2), ids, OS, data=jnp.zeros((3, 4, 1)))
+
+
+@pytest.mark.parametrize("name", ["nres", pytest.param("pes", marks=pytest.mark.slow),
+                                  pytest.param("tgrad", marks=pytest.mark.slow)])
+def test_truncated_estimators_take_host_data(name):
+  """The same ``data=`` argument everywhere; quadratics ignore their batches, so host-fed
+  zeros give the numbers of on-device sampling (TruncatedGrad with a remat chunk that does
+  not divide the unroll pads the data)."""
+  lopt = _lopt()
+  est = _ests(lopt)[name]
+  theta = lopt.init(jax.random.key(0))
+  ids = jnp.arange(4)
+  state = est.init_local(theta, OS, jax.random.key(1), ids)
+  run = jax.jit(lambda d: est.estimate_local(theta, state, jax.random.key(2), ids, OS,
+                                             data=d).loss)
+  np.testing.assert_allclose(float(run(jnp.zeros((3, 4, 1)))), float(run(None)),
+                             rtol=1e-6)
 
 
 def test_nres_draws_states_and_noise_from_separate_streams():
@@ -359,4 +376,7 @@ def test_reference_names_and_defaults():
     pass
 
   assert _Bare().task_name() == "unnamed_task"
-  assert truncated_pes.TruncatedPES(truncated_step=simple).task_name() == "split_task"
+  pes = truncated_pes.TruncatedPES(truncated_step=simple)
+  assert pes.task_name() == "split_task"
+  assert pes.cfg_name() == (getattr(lopt, "name", None) or type(lopt).__name__)
+  assert _Bare().cfg_name() == "unnamed_cfg"

@@ -58,8 +58,9 @@ class TruncatedPES(estimator_base.AntitheticTruncatedEstimator):
   num_tasks=..., trunc_length=..., random_initial_iteration_offset=..., std=...)``.
 
   ``steps_per_jit`` is accepted for compatibility and has no effect: the whole truncation
-  always runs as one ``lax.scan`` inside the fused step. ``stack_antithetic_samples=True`` runs the positive and negative
-  unrolls as one scan over ``2 * tasks`` (one batched program); ``False`` runs two scans.
+  always runs as one ``lax.scan`` inside the fused step. ``stack_antithetic_samples=True``
+  runs the positive and negative unrolls as one scan over ``2 * tasks`` (one batched
+  program); ``False`` runs two scans.
   """
 
   def init_local(self, theta, outer_state, key, task_ids):
