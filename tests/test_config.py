@@ -15,7 +15,8 @@ from spmd_lopt import config as config_lib
 from spmd_lopt import sharding
 from spmd_lopt.config import builders, loading, outer_opt, schema
 from spmd_lopt.learned_optimizers import registry
-from spmd_lopt.outer_trainers import full_es, truncated_grad, truncated_nres, truncated_pes
+from spmd_lopt.outer_trainers import (full_es, full_grad, truncated_grad, truncated_nres,
+                                      truncated_pes)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +83,7 @@ def test_every_registered_learned_optimizer_is_reachable(name):
     ("nres", truncated_nres.TruncatedNRES, {"clip_nan_loss_to_value": 5.0}),
     ("full_es", full_es.FullES, {"loss_type": "min"}),
     ("truncated_grad", truncated_grad.TruncatedGrad, {"use_remat": True}),
-    ("full_grad", truncated_grad.FullGrad, {"use_remat": False}),
+    ("full_grad", full_grad.FullGrad, {"use_remat": False}),
 ])
 def test_every_estimator_is_reachable_with_its_options(name, cls, opts):
   cfg = small()

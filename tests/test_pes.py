@@ -23,7 +23,7 @@ def test_the_ending_step_is_credited_to_the_old_trajectory():
   delta = jnp.asarray([[1.0], [2.0], [4.0], [8.0]])
   mask = jnp.asarray([[1], [1], [0], [1]])
   is_reset = jnp.asarray([[0], [0], [1], [0]])
-  w_old, w_new = truncated_pes.pes_weights(delta, mask, is_reset)
+  w_old, w_new = estimator_base.pes_weights(delta, mask, is_reset)
   np.testing.assert_allclose(w_old, [(1.0 + 2.0) / 3])
   np.testing.assert_allclose(w_new, [8.0 / 3])
 
@@ -32,7 +32,7 @@ def test_reset_on_first_step_credits_everything_to_the_new_trajectory():
   delta = jnp.asarray([[1.0], [2.0], [4.0]])
   mask = jnp.asarray([[0], [1], [1]])
   is_reset = jnp.asarray([[1], [0], [0]])
-  w_old, w_new = truncated_pes.pes_weights(delta, mask, is_reset)
+  w_old, w_new = estimator_base.pes_weights(delta, mask, is_reset)
   np.testing.assert_allclose(w_old, [0.0])
   np.testing.assert_allclose(w_new, [3.0])
 

@@ -102,8 +102,11 @@ def test_bad_estimator_arguments_are_clear_errors():
     truncated_pes.TruncatedPES(truncated_step=step, trunc_length=0)
   with pytest.raises(ValueError, match="std must be positive"):
     truncated_pes.TruncatedPES(truncated_step=step, trunc_length=10, std=-1.0)
-  with pytest.raises(ValueError, match="multiple of steps_per_jit"):
-    truncated_pes.TruncatedPES(truncated_step=step, trunc_length=10, steps_per_jit=3)
+  with pytest.raises(ValueError, match="steps_per_jit must be a positive integer"):
+    truncated_pes.TruncatedPES(truncated_step=step, trunc_length=10, steps_per_jit=0)
+  # The reference's host-loop chunk: accepted where it has no effect (trunc_length=25 with
+  # the reference default 10 used to be rejected).
+  assert truncated_pes.TruncatedPES(truncated_step=step, trunc_length=25).trunc_length == 25
   with pytest.raises(ValueError, match="missing"):
     truncated_pes.TruncatedPES(task_family=quadratics.FixedDimQuadraticFamily(3))
   with pytest.raises(ValueError, match="num_tasks must be a positive integer"):

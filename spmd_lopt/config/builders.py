@@ -23,6 +23,7 @@ from spmd_lopt.config import schema
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import registry as lopt_registry
 from spmd_lopt.outer_trainers import full_es
+from spmd_lopt.outer_trainers import full_grad
 from spmd_lopt.outer_trainers import gradient_learner
 from spmd_lopt.outer_trainers import lopt_truncated_step
 from spmd_lopt.outer_trainers import truncated_grad
@@ -45,7 +46,7 @@ _SET_BY_CONFIG = ("truncated_step", "truncation_schedule", "trunc_length", "unro
                   "random_initial_iteration_offset")
 _ESTIMATOR_CLASSES = {"pes": truncated_pes.TruncatedPES, "nres": truncated_nres.TruncatedNRES,
                       "full_es": full_es.FullES, "truncated_grad": truncated_grad.TruncatedGrad,
-                      "full_grad": truncated_grad.FullGrad}
+                      "full_grad": full_grad.FullGrad}
 
 
 # --- learned optimizer ----------------------------------------------------------------
@@ -268,25 +269,24 @@ def check_estimator_entry(where: str, est: Mapping[str, Any]) -> None:
   checks.check_kwargs(f"{where}.options", _ESTIMATOR_CLASSES[name], est["options"],
                       f"estimator {name!r}", skip=_SET_BY_CONFIG)
   for k, v in est["options"].items():
-    if (k.startswith("steps_per") or k.endswith("_samples")) and checks.is_int(v):
+    if (k.startswith("steps_per") or k.endswith(("_samples", "_length", "_chunk"))
+        and checks.is_int(v)):
       checks.as_int(f"{where}.options.{k}", v, low=1)
 
 
-def _builder_options(est: Mapping[str, Any], sched) -> dict[str, Any]:
-  """Options the builder sets unless the entry's ``options`` do: ``steps_per_jit`` is
-  None for the truncated estimators (the whole truncation is one scan) and the
-  ``trunc_length`` chunk for whole unrolls when it divides ``max_length``."""
+def _builder_options(est: Mapping[str, Any]) -> dict[str, Any]:
+  """Options the builder sets unless the entry's ``options`` do: whole unrolls (full_es,
+  full_grad) run in chunks of ``trunc_length`` steps."""
   if est["name"] in ("full_es", "full_grad"):
-    trunc = est["trunc_length"]
-    return {"steps_per_jit": trunc if sched.max_length % trunc == 0 else None}
-  return {"steps_per_jit": None}
+    return {"chunk_length": est["trunc_length"]}
+  return {}
 
 
 def make_estimator_from_entry(where: str, est: Mapping[str, Any], family, lopt):
   """One gradient estimator. Truncated estimators (pes, nres, truncated_grad) unroll
   ``trunc_length`` steps of trajectories whose lengths come from ``truncation``; the
-  whole-unroll ones (full_es, full_grad) unroll trajectories of those lengths in chunks of
-  ``trunc_length`` when it divides ``max_length`` (else one chunk)."""
+  whole-unroll ones (full_es, full_grad) unroll trajectories of exactly those lengths in
+  chunks of ``trunc_length`` steps."""
   check_estimator_entry(where, est)
   sched = make_truncation(f"{where}.truncation", est["truncation"])
   name, opts = est["name"], dict(est["options"])
@@ -296,15 +296,15 @@ def make_estimator_from_entry(where: str, est: Mapping[str, Any], family, lopt):
       step = lopt_truncated_step.VectorizedLOptTruncatedStep(
           family, lopt, truncation_schedule.NeverEndingTruncationSchedule(), num_tasks=n,
           meta_loss_split=est["meta_loss_split"])
-      opts = dict(_builder_options(est, sched), **opts)
+      opts = dict(_builder_options(est), **opts)
       if name == "full_es":
         return full_es.FullES(step, sched, std=std, **opts)
-      return truncated_grad.FullGrad(step, sched, **opts)
+      return full_grad.FullGrad(step, sched, **opts)
     step = lopt_truncated_step.VectorizedLOptTruncatedStep(
         family, lopt, sched, num_tasks=n,
         random_initial_iteration_offset=est["random_initial_iteration_offset"],
         meta_loss_split=est["meta_loss_split"])
-    opts = dict(_builder_options(est, sched), **opts)
+    opts = dict(_builder_options(est), **opts)
     if name == "truncated_grad":
       return truncated_grad.TruncatedGrad(step, unroll_length=trunc, **opts)
     return _ESTIMATOR_CLASSES[name](truncated_step=step, trunc_length=trunc, std=std,
@@ -393,10 +393,10 @@ def resolve(cfg, fill_defaults: bool = False) -> dict[str, Any]:
     out["lopt"] = dict(checks.signature_defaults(factory), **out["lopt"])
     out["lopt"].setdefault("init_from", "")
     for i, est in enumerate(out["estimators"]):
-      sched = make_truncation(f"config.estimators.{i}.truncation", est["truncation"])
+      make_truncation(f"config.estimators.{i}.truncation", est["truncation"])  # checks it
       est["options"] = {**checks.signature_defaults(_ESTIMATOR_CLASSES[est["name"]],
                                                     skip=_SET_BY_CONFIG),
-                        **_builder_options(est, sched), **est["options"]}
+                        **_builder_options(est), **est["options"]}
   return out
 
 

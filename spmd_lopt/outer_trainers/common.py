@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -34,11 +35,6 @@ def concat_tasks(a, b):
   return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a, b)
 
 
-def split_tasks(tree, n: int):
-  """Inverse of ``concat_tasks`` for two halves of ``n`` tasks each."""
-  return jax.tree.map(lambda x: x[:n], tree), jax.tree.map(lambda x: x[n:], tree)
-
-
 def masked_mean_over_steps(values: jax.Array, mask: jax.Array) -> jax.Array:
   """``sum_t m_t v_t / max(sum_t m_t, 1)`` over axis 0: ``[T, n] -> [n]``."""
   mask = mask.astype(values.dtype)
@@ -51,10 +47,28 @@ def broadcast_per_task(theta, n: int):
   return jax.tree.map(lambda t: jnp.broadcast_to(t[None], (n,) + t.shape), theta)
 
 
+def stack_antithetic(pos, neg, task_ids, data=None, data_axis: int = 0):
+  """One batch of ``2n`` tasks from the ``+`` and ``-`` halves: ``(state, ids, data)``.
+  Both halves get the same ids (hence the same per-task keys) and the same batches, so
+  the antithetic difference carries neither task nor data noise. ``data`` leaves have the
+  task axis at ``data_axis``."""
+  both_data = None if data is None else jax.tree.map(
+      lambda d: jnp.concatenate([d, d], axis=data_axis), data)
+  return concat_tasks(pos, neg), jnp.concatenate([task_ids, task_ids]), both_data
+
+
+def unstack_antithetic(out, axis: int = 0):
+  """Inverse of ``stack_antithetic`` on outputs whose task axis (``2n`` long) is 0 (states)
+  or 1 (per-step outputs ``[T, 2n]``): ``-> (pos, neg)``."""
+  pattern = {0: "(two n) ... -> two n ...", 1: "t (two n) ... -> two t n ..."}[axis]
+  halves = jax.tree.map(lambda x: einops.rearrange(x, pattern, two=2), out)
+  return jax.tree.map(lambda h: h[0], halves), jax.tree.map(lambda h: h[1], halves)
+
+
 def unroll_in_chunks(step, theta, state, key, num_steps: int, outer_state, task_ids, *,
                      theta_is_vector: bool = False, steps_per_chunk: int | None = None,
-                     remat: bool = False, num_active=None):
-  """``num_steps`` inner steps as a scan over chunks of ``steps_per_chunk`` steps.
+                     remat: bool = False, num_active=None, data=None):
+  """``num_steps`` inner steps as a scan over ``ceil(num_steps / steps_per_chunk)`` chunks.
 
   Step ``t`` uses ``fold_in(key, t)``, exactly as ``step.unroll`` does, so the chunking
   never changes the numbers (only memory and program structure). Outputs are
@@ -63,49 +77,69 @@ def unroll_in_chunks(step, theta, state, key, num_steps: int, outer_state, task_
   remat: ``jax.checkpoint`` each chunk, so reverse mode stores one state per chunk and
     recomputes the chunk's steps on the way back (memory ``O(num_steps / chunk)`` states
     plus one chunk's activations, instead of ``O(num_steps)``).
-  num_active: optional traced int32, a multiple of ``steps_per_chunk``: chunks starting at
-    or after it are skipped with ``lax.cond`` (their outputs are zeros with mask 0), so a
-    sampled unroll length costs its own length while every shape stays static. It must be
-    the same on every device (derive it from the replicated key), which keeps the
+  num_active: optional traced int32 in ``[1, num_steps]``: steps ``t >= num_active`` are
+    skipped (state unchanged, outputs zero with mask 0): whole chunks with a ``lax.cond``
+    around the chunk, the tail of the last active chunk step by step. A drawn unroll
+    length thus costs its own length, exactly, while every shape stays static. It must
+    be the same on every device (derive it from the replicated key), which keeps the
     ``cond`` a real branch under ``shard_map``.
+  data: ``None`` or host-fed batches, leaves ``[num_steps, tasks, ...]``.
   """
-  spc = int(steps_per_chunk or num_steps)
-  if num_steps % spc:
-    raise ValueError(f"num_steps ({num_steps}) must be a multiple of steps_per_chunk "
-                     f"({spc}).")
-  num_chunks = num_steps // spc
+  spc = min(int(steps_per_chunk or num_steps), num_steps)
+  num_chunks = -(-num_steps // spc)
+  padded = num_chunks * spc
+  limit = num_active
+  if limit is None and padded != num_steps:
+    limit = num_steps  # the padding steps of the last chunk are skipped
+  if data is not None:
+    data = jax.tree.map(lambda d: jnp.pad(d, [(0, padded - num_steps)] +
+                                          [(0, 0)] * (d.ndim - 1)).reshape(
+                                              (num_chunks, spc) + d.shape[1:]), data)
   # A state made inside shard_map (whole-unroll estimators init fresh tasks there) has
   # constant leaves that are not "varying" over the task axis while the step's outputs
   # may be; scan needs equal carry types.
   state = vary_like(state, task_ids)
 
-  def run_chunk(theta, state, chunk):
-    def body(s, j):
-      s, out = step.unroll_step(theta, s, jax.random.fold_in(key, chunk * spc + j),
-                                outer_state=outer_state, theta_is_vector=theta_is_vector,
-                                task_ids=task_ids)
-      # Constant leaves (e.g. is_done under NeverEndingTruncationSchedule) must stay
-      # "varying" too, for the scan carry and the cond branches to type-check.
-      return vary_like((s, out), task_ids)
-    return jax.lax.scan(body, state, jnp.arange(spc))
+  def one_step(theta, s, t, batch):
+    s, out = step.unroll_step(theta, s, jax.random.fold_in(key, t), data=batch,
+                              outer_state=outer_state, theta_is_vector=theta_is_vector,
+                              task_ids=task_ids)
+    # Constant leaves (e.g. is_done under NeverEndingTruncationSchedule) must stay
+    # "varying" too, for the scan carry and the cond branches to type-check.
+    return vary_like((s, out), task_ids)
+
+  def skipped(theta, s, t, batch):
+    _, out_shape = jax.eval_shape(one_step, theta, s, t, batch)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_shape)
+    return s, vary_like(zeros, task_ids)
+
+  def run_chunk(theta, state, chunk, chunk_data):
+    def body(s, xs):
+      j, batch = xs
+      t = chunk * spc + j
+      if limit is None:
+        return one_step(theta, s, t, batch)
+      return jax.lax.cond(t < limit, one_step, skipped, theta, s, t, batch)
+    return jax.lax.scan(body, state, (jnp.arange(spc), chunk_data))
 
   if remat:
     run_chunk = jax.checkpoint(run_chunk)
 
-  def chunk_body(state, chunk):
-    if num_active is None:
-      return run_chunk(theta, state, chunk)
+  def chunk_body(state, xs):
+    chunk, chunk_data = xs
+    if limit is None:
+      return run_chunk(theta, state, chunk, chunk_data)
 
     def skip():
-      _, out_shape = jax.eval_shape(run_chunk, theta, state, chunk)
+      _, out_shape = jax.eval_shape(run_chunk, theta, state, chunk, chunk_data)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
       return state, vary_like(zeros, task_ids)
 
-    return jax.lax.cond(chunk * spc < num_active, lambda: run_chunk(theta, state, chunk),
-                        skip)
+    return jax.lax.cond(chunk * spc < limit,
+                        lambda: run_chunk(theta, state, chunk, chunk_data), skip)
 
-  state, outs = jax.lax.scan(chunk_body, state, jnp.arange(num_chunks))
-  outs = jax.tree.map(lambda x: x.reshape((num_steps,) + x.shape[2:]), outs)
+  state, outs = jax.lax.scan(chunk_body, state, (jnp.arange(num_chunks), data))
+  outs = jax.tree.map(lambda x: x.reshape((padded,) + x.shape[2:])[:num_steps], outs)
   return state, outs
 
 
@@ -129,54 +163,6 @@ def vary_like(tree, ref):
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(cast, tree)
-
-
-def check_never_ending(who: str, truncated_step) -> None:
-  """Whole-unroll estimators own the unroll length; the inner trajectories must not end
-  (and reset) inside it, or the "whole unroll" would silently span two tasks."""
-  from spmd_lopt.outer_trainers import truncation_schedule as ts  # avoid an import cycle
-  sched = getattr(truncated_step, "trunc_sched", None)
-  if not isinstance(sched, ts.NeverEndingTruncationSchedule):
-    raise ValueError(
-        f"{who} unrolls whole trajectories whose length comes from its own "
-        "truncation_schedule; the truncated step must be built with "
-        "NeverEndingTruncationSchedule() so no trajectory resets inside an unroll (got "
-        f"{type(sched).__name__}).")
-
-
-def whole_unroll_lengths(who: str, truncation_schedule, steps_per_jit) -> tuple[int, int]:
-  """``(static_num_steps, steps_per_chunk)`` for an estimator unrolling whole
-  trajectories with lengths drawn from ``truncation_schedule``.
-
-  The scan always has ``static_num_steps = truncation_schedule.max_length`` steps (static,
-  one compiled program for every sampled length); chunks past the sampled length are
-  skipped at run time (see ``unroll_in_chunks``).
-  """
-  from spmd_lopt.outer_trainers import truncation_schedule as ts
-  if isinstance(truncation_schedule, ts.NeverEndingTruncationSchedule):
-    raise ValueError(f"{who}: truncation_schedule gives the unroll length and must be "
-                     "finite (e.g. ConstantTruncationSchedule), not NeverEnding.")
-  max_length = int(truncation_schedule.max_length)
-  if steps_per_jit is None:
-    spc = max_length
-  elif int(steps_per_jit) != steps_per_jit or steps_per_jit <= 0:
-    raise ValueError(f"{who}: steps_per_jit must be a positive integer, got "
-                     f"{steps_per_jit!r}.")
-  else:
-    spc = min(int(steps_per_jit), max_length)
-  if max_length % spc:
-    raise ValueError(f"{who}: the schedule's max_length ({max_length}) must be a multiple "
-                     f"of steps_per_jit ({spc}).")
-  return max_length, spc
-
-
-def sample_num_active(truncation_schedule, key, outer_state, steps_per_chunk: int,
-                      max_length: int) -> jax.Array:
-  """One unroll length for this call (shared by all tasks, as in the reference), rounded
-  up to a whole number of chunks and capped at ``max_length``: int32 scalar."""
-  length = truncation_schedule.init(key, outer_state).length
-  chunks = (length + steps_per_chunk - 1) // steps_per_chunk
-  return jnp.clip(chunks * steps_per_chunk, steps_per_chunk, max_length).astype(jnp.int32)
 
 
 def select_per_task(pred: jax.Array, a, b):

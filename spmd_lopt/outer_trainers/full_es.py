@@ -20,13 +20,14 @@ Options on the loss difference ``D_i = L+_i - L-_i``: ``clip_loss_diff = c`` cli
 ``[-c, c]``; ``sign_delta_loss_scalar = c`` replaces it with ``c * sign(D_i)``.
 
 Unroll length. It comes from ``truncation_schedule`` (one length per call, drawn from the
-replicated key, shared by all tasks as in the reference). Inside one jitted program the
-scan length must be static, so the scan always has ``truncation_schedule.max_length``
-steps, in chunks of ``steps_per_jit``; the sampled length is rounded up to whole chunks and
-chunks past it are skipped with ``lax.cond`` (outputs masked). So a Constant schedule runs
-exactly its length, a variable one compiles once and pays only for the sampled length
-(memory for the per-step outputs is ``max_length x tasks`` scalars). The alternative,
-recompiling per sampled length, would break the one-program-per-meta-step design.
+replicated key, shared by all tasks as in the reference) and is told to the inner
+optimizer's ``init`` as ``num_steps``. Inside one jitted program the scan length must be
+static, so the scan always has ``truncation_schedule.max_length`` steps, in chunks of
+``chunk_length``; chunks past the drawn length are skipped with ``lax.cond`` and the tail
+of the last active chunk step by step (outputs masked). So every drawn length runs
+exactly, a variable schedule compiles once and pays only for the drawn length (memory for
+the per-step outputs is ``max_length x tasks`` scalars). The alternative, recompiling per
+drawn length, would break the one-program-per-meta-step design.
 
 The truncated step must use ``NeverEndingTruncationSchedule`` (as in the reference): this
 estimator decides when a trajectory ends; a reset inside the unroll would silently mix two
@@ -37,20 +38,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 
+from spmd_lopt import inner_step
 from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import estimator_base
-from spmd_lopt.outer_trainers import truncated_step as truncated_step_lib
 
 LOSS_TYPES = ("avg", "min", "last", "last_recompute")
-
-
-@flax.struct.dataclass
-class FullUnrollWorkerState:
-  """Whole-unroll estimators keep nothing between calls (each starts fresh tasks)."""
 
 
 def reduce_unroll_loss(loss: jax.Array, mask: jax.Array, num_active, loss_type: str):
@@ -71,9 +66,10 @@ class FullES(estimator_base.GradientEstimator):
     truncated_step: a ``VectorizedTruncatedStep`` built with
       ``NeverEndingTruncationSchedule``.
     truncation_schedule: gives the unroll length per call (finite ``max_length``).
-    std: perturbation scale. steps_per_jit: chunk size of the scan (must divide
-      ``truncation_schedule.max_length``). stack_antithetic_samples: run ``+`` and ``-``
-      as one batch of ``2n`` tasks (one scan) instead of two scans.
+    std: perturbation scale. chunk_length: steps per chunk of the scan (clamped to
+      ``max_length``; need not divide it). stack_antithetic_samples: run ``+`` and ``-``
+      as one batch of ``2n`` tasks (one scan) instead of two scans. steps_per_jit:
+      accepted for reference compatibility, no effect (the unroll is one program).
   """
 
   def __init__(self, truncated_step, truncation_schedule, std: float = 0.01,
@@ -82,11 +78,10 @@ class FullES(estimator_base.GradientEstimator):
                clip_loss_diff: Optional[float] = None,
                stack_antithetic_samples: bool = True,
                sign_delta_loss_scalar: Optional[float] = None,
-               clip_nan_loss_to_value: float = 20.0):
-    if not isinstance(truncated_step, truncated_step_lib.VectorizedTruncatedStep):
-      raise TypeError("FullES: truncated_step must be a VectorizedTruncatedStep, got "
-                      f"{type(truncated_step).__name__}.")
-    common.check_never_ending("FullES", truncated_step)
+               clip_nan_loss_to_value: float = 20.0, chunk_length: int = 10):
+    estimator_base.check_step("FullES", truncated_step)
+    estimator_base.check_never_ending("FullES", truncated_step)
+    estimator_base.check_steps_per_jit("FullES", steps_per_jit)
     if loss_type not in LOSS_TYPES:
       raise ValueError(f"FullES: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
     if not std > 0:
@@ -101,8 +96,9 @@ class FullES(estimator_base.GradientEstimator):
                          "task_family and learned_opt (VectorizedLOptTruncatedStep).")
     self.truncated_step = truncated_step
     self.truncation_schedule = truncation_schedule
-    self.max_length, self.steps_per_jit = common.whole_unroll_lengths(
-        "FullES", truncation_schedule, steps_per_jit)
+    self.max_length, self.chunk_length = estimator_base.whole_unroll_lengths(
+        "FullES", truncation_schedule, chunk_length)
+    self.steps_per_jit = steps_per_jit
     self.std = float(std)
     self.loss_type = loss_type
     self.recompute_samples = int(recompute_samples)
@@ -114,31 +110,31 @@ class FullES(estimator_base.GradientEstimator):
 
   def init_local(self, theta, outer_state, key, task_ids):
     del theta, outer_state, key, task_ids
-    return FullUnrollWorkerState()
+    return estimator_base.FullUnrollWorkerState()
 
   # --- pieces, also used by tests for the exact meta-loss -----------------------------
 
-  def unroll_fresh(self, theta_vec, key, task_ids, outer_state, num_active):
-    """Fresh tasks (keyed by ``key``'s init half) unrolled ``max_length`` steps with the
-    per-task thetas ``theta_vec`` ([n, ...]); chunks from ``num_active`` on are skipped.
-    Returns ``(final_state, TruncatedUnrollOut [max_length, n])``; the mask is 0 on skipped
-    steps. Tasks whose ids repeat get identical initial states (antithetic pairs)."""
+  def unroll_fresh(self, theta_vec, key, task_ids, outer_state, length):
+    """Fresh tasks (keyed by ``key``'s init half; the inner optimizer is told ``length``)
+    unrolled ``length`` steps with the per-task thetas ``theta_vec`` ([n, ...]).
+    Returns ``(final_state, TruncatedUnrollOut [max_length, n])``; the mask is 0 on the
+    steps from ``length`` on. Tasks whose ids repeat get identical initial states
+    (antithetic pairs)."""
     k_init, k_unroll = jax.random.split(key)
     step = self.truncated_step
     state = step.init_step_state(theta_vec, outer_state, k_init, theta_is_vector=True,
-                                 task_ids=task_ids)
+                                 task_ids=task_ids, num_steps_override=length)
     return common.unroll_in_chunks(step, theta_vec, state, k_unroll, self.max_length,
                                    outer_state, task_ids, theta_is_vector=True,
-                                   steps_per_chunk=self.steps_per_jit,
-                                   num_active=num_active)
+                                   steps_per_chunk=self.chunk_length, num_active=length)
 
-  def per_task_loss(self, theta_vec, key, task_ids, outer_state, num_active):
+  def per_task_loss(self, theta_vec, key, task_ids, outer_state, length):
     """Per-task meta-loss ``[n]`` of whole fresh unrolls under ``theta_vec``."""
     k_unroll, k_recompute = jax.random.split(key)
-    state, out = self.unroll_fresh(theta_vec, k_unroll, task_ids, outer_state, num_active)
+    state, out = self.unroll_fresh(theta_vec, k_unroll, task_ids, outer_state, length)
     if self.loss_type == "last_recompute":
       return self._recompute_loss(theta_vec, state, k_recompute, task_ids), out
-    return reduce_unroll_loss(out.loss, out.mask, num_active, self.loss_type), out
+    return reduce_unroll_loss(out.loss, out.mask, length, self.loss_type), out
 
   def _recompute_loss(self, theta_vec, state, key, task_ids):
     """Loss of each task's final params, averaged over ``recompute_samples`` batches
@@ -147,41 +143,38 @@ class FullES(estimator_base.GradientEstimator):
 
     def one(theta, st, k):
       opt = step.learned_opt.opt_fn(theta, is_training=True)
-      params, model_state = opt.get_params_state(st.inner_opt_state)
       task = step.task_family.task_fn(st.task_param)
-
-      def sample(k_s):
-        k_data, k_loss = jax.random.split(k_s)
-        batch = task.sample_batch(k_data, self.recompute_split)
-        return task.loss_with_state(params, model_state, k_loss, batch)[0]
-
-      losses = jax.lax.map(sample, jax.random.split(k, self.recompute_samples))
+      losses = jax.lax.map(
+          lambda k_s: inner_step.eval_loss(task, opt, st.inner_opt_state, k_s,
+                                           split=self.recompute_split),
+          jax.random.split(k, self.recompute_samples))
       return task.normalizer(jnp.mean(losses))
 
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
     return jax.vmap(one)(theta_vec, state, keys)
 
-  def sample_num_active(self, key, outer_state):
-    return common.sample_num_active(self.truncation_schedule, key, outer_state,
-                                    self.steps_per_jit, self.max_length)
+  def sample_length(self, key, outer_state):
+    """This call's unroll length (int32 scalar in ``[1, max_length]``)."""
+    return estimator_base.sample_length(self.truncation_schedule, key, outer_state,
+                                        self.max_length)
 
   # --- the estimator ---------------------------------------------------------------
 
-  def estimate_local(self, theta, state, key, task_ids, outer_state):
+  def estimate_local(self, theta, state, key, task_ids, outer_state, data=None):
     del state
+    estimator_base.reject_host_data("FullES", data)
     k_noise, k_len, k_run = jax.random.split(key, 3)
-    num_active = self.sample_num_active(k_len, outer_state)
+    length = self.sample_length(k_len, outer_state)
     eps = common.per_task_noise(k_noise, task_ids, theta, self.std)
     pos_theta = common.add_per_task(theta, eps, +1.0)
     neg_theta = common.add_per_task(theta, eps, -1.0)
-    run = lambda th, ids: self.per_task_loss(th, k_run, ids, outer_state, num_active)
-    n = task_ids.shape[0]
+    run = lambda th, ids: self.per_task_loss(th, k_run, ids, outer_state, length)
     if self.stack_antithetic_samples:
       # Same ids twice: both halves get the same fresh tasks and the same step keys.
-      both, out = run(common.concat_tasks(pos_theta, neg_theta),
-                      jnp.concatenate([task_ids, task_ids]))
-      pos_loss, neg_loss = both[:n], both[n:]
-      p_out = jax.tree.map(lambda x: x[:, :n], out)
+      both_theta, both_ids, _ = common.stack_antithetic(pos_theta, neg_theta, task_ids)
+      both, out = run(both_theta, both_ids)
+      pos_loss, neg_loss = common.unstack_antithetic(both)
+      p_out, _ = common.unstack_antithetic(out, axis=1)
     else:
       pos_loss, p_out = run(pos_theta, task_ids)
       neg_loss, _ = run(neg_theta, task_ids)
@@ -192,10 +185,6 @@ class FullES(estimator_base.GradientEstimator):
     if self.sign_delta_loss_scalar is not None:
       delta = jnp.sign(delta) * self.sign_delta_loss_scalar
     grads = common.scale_per_task(delta / (2.0 * self.std ** 2), eps)
-    grads, losses, nonfinite = estimator_base.sanitize_per_task(
-        grads, 0.5 * (pos_loss + neg_loss), self.clip_nan_loss_to_value)
-    info = estimator_base.UnrollInfo(loss=p_out.loss, iteration=p_out.iteration,
-                                     task_param=p_out.task_param, is_done=p_out.is_done)
-    return estimator_base.LocalEstimate(
-        grad=jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), loss=jnp.mean(losses),
-        nonfinite=nonfinite, state=FullUnrollWorkerState(), unroll_info=info)
+    return estimator_base.finish_estimate(grads, 0.5 * (pos_loss + neg_loss),
+                                          self.clip_nan_loss_to_value,
+                                          estimator_base.FullUnrollWorkerState(), p_out)

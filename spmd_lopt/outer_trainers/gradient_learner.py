@@ -191,7 +191,8 @@ class SpmdGradientLearner:
     """The sharded half of a meta step: every estimator on every device, reduced.
     ``datasets``: the task families' data sets (replicated), see ``__init__``.
 
-    Returns ``(new_estimator_states, grads per estimator, losses[E], nonfinite[E])``.
+    Returns ``(new_estimator_states, grads per estimator, losses[E], nonfinite[E, 2])``
+    (non-finite tasks and entries).
     """
     datas = self._check_datas(datas)
     opt_state = state.gradient_learner_state.theta_opt_state
@@ -203,13 +204,13 @@ class SpmdGradientLearner:
       new_states, grads, losses, nonfinite = [], [], [], []
       ests = self._bound_estimators(datasets)
       for i, (est, n) in enumerate(zip(ests, self._num_local)):
-        kwargs = {} if datas[i] is None else {"data": datas[i]}
         res = est.estimate_local(theta, est_states[i], jax.random.fold_in(key, i),
-                                 sharding.local_task_ids(n, ax), outer_state, **kwargs)
+                                 sharding.local_task_ids(n, ax), outer_state, data=datas[i])
         new_states.append(res.state)
         grads.append(jax.lax.pmean(res.grad, ax))
         losses.append(jax.lax.pmean(res.loss, ax))
-        nonfinite.append(jax.lax.psum(res.nonfinite, ax))
+        # [tasks, entries] with non-finite values, summed over the mesh.
+        nonfinite.append(jax.lax.psum(jnp.stack([res.nonfinite, res.nonfinite_entries]), ax))
       return tuple(new_states), tuple(grads), jnp.stack(losses), jnp.stack(nonfinite)
 
     return jax.shard_map(
@@ -267,11 +268,13 @@ class SpmdGradientLearner:
       for name, g, l, nf in zip(self.metric_names, grads, losses, nonfinite):
         metrics[f"mean||{name}/mean_loss"] = l
         metrics[f"mean||{name}/grad_norm"] = optax.tree.norm(g)
-        metrics[f"mean||{name}/nonfinite"] = nf
+        metrics[f"mean||{name}/nonfinite"] = nf[0]
+        metrics[f"mean||{name}/nonfinite_entries"] = nf[1]
       metrics["none||mean_loss"] = loss
       metrics["none||best_of_mean_loss"] = jnp.min(losses)
       metrics["none||theta_grad_norm"] = optax.tree.norm(grad)
-      metrics["none||nonfinite"] = jnp.sum(nonfinite)
+      metrics["none||nonfinite"] = jnp.sum(nonfinite[:, 0])
+      metrics["none||nonfinite_entries"] = jnp.sum(nonfinite[:, 1])
       metrics["none||theta_norm"] = optax.tree.norm(theta)
     return new_state, loss, metrics
 

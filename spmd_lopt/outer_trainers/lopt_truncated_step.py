@@ -8,8 +8,8 @@ and ``is_done``. One inner step of one task is::
     if is_done:                 # the trajectory ended on the previous step
       state = fresh trajectory  # new task params, params, optimizer state; loss masked
     else:
-      l, g = value_and_grad(task.loss)(params, batch)
-      opt_state = opt.update(opt_state, g, loss=l)
+      opt_state, l = inner_step.train_step(task, opt, opt_state, k_train, batch)
+      l = meta-loss (see meta_loss_split / meta_loss_with_aux_key)
     is_done = inner_step >= length
 
 and outputs ``TruncatedUnrollOut`` with the (normalised) meta-loss, ``mask = not reset``
@@ -19,12 +19,22 @@ started inside it.
 
 Randomness: the per-step key is ``fold_in(key, step)`` and task ``i`` uses
 ``fold_in(step_key, i)`` with ``i`` its *global* index, so a task behaves the same
-whichever device holds it. Resets are computed only when some local task is done (a
-scalar ``lax.cond``), which keeps the common step cheap.
+whichever device holds it. The training batch, the meta-loss batch, the reset and the
+truncation schedule each get their own stream of that key.
+
+Resets (``reset_mode``): ``"cond"`` computes fresh trajectories only when some local task
+is done (a scalar ``lax.cond`` around the re-initialisation); ``"select"`` computes them on
+every step and picks per task with ``where`` (no conditional, more arithmetic). Both give
+identical numbers; which is faster depends on the accelerator and on how often some task
+resets (see the README's figures).
 
 ``random_initial_iteration_offset = N`` starts each task's ``inner_step`` at a random
 integer in ``[0, N)`` (params and optimizer iteration stay fresh) so the tasks reach their
 first reset at different outer steps, as the reference does.
+
+Data: by default every task draws its batches on device (``task.sample_batch``). Tasks
+whose ``datasets`` are host iterators (the reference's data model) use ``get_batch`` /
+``get_outer_batch`` on the host and pass the result as ``data`` to ``unroll``.
 """
 
 from __future__ import annotations
@@ -35,11 +45,14 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from spmd_lopt import inner_step
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import truncated_step
 from spmd_lopt.outer_trainers import truncation_schedule
 from spmd_lopt.tasks import base as tasks_base
+
+RESET_MODES = ("cond", "select")
 
 
 @flax.struct.dataclass
@@ -62,6 +75,10 @@ class TruncatedUnrollOut:
   mask: jax.Array
 
 
+def _has_leaves(tree) -> bool:
+  return tree is not None and bool(jax.tree.leaves(tree))
+
+
 class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
   """``num_tasks`` tasks of ``task_family`` trained by ``learned_opt``.
 
@@ -70,23 +87,37 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     learned_opt: the learned optimizer being meta-trained.
     trunc_sched: the truncation schedule (trajectory lengths).
     num_tasks: number of tasks across the whole mesh.
-    random_initial_iteration_offset: stagger the first trajectories (see module doc).
     meta_loss_split: ``None`` (the meta-loss is the training loss before the update),
       ``"same_data"`` (the loss after the update on the same batch) or a data split name
-      (the loss after the update on a fresh batch of that split).
+      (the loss after the update on a batch of that split, drawn with its own key).
+    random_initial_iteration_offset: stagger the first trajectories (see module doc).
+    outer_data_split: the split ``get_outer_batch`` draws from.
+    meta_loss_with_aux_key: use this value of the task's ``loss_with_state_and_aux`` aux
+      dict as the meta-loss instead of the loss (not normalised, as in the reference).
     task_name: name used in metrics; defaults to the family's name.
+    reset_mode: ``"cond"`` or ``"select"`` (module docstring).
   """
 
   def __init__(self, task_family: tasks_base.TaskFamily,
                learned_opt: lopt_base.LearnedOptimizer,
                trunc_sched: truncation_schedule.TruncationSchedule,
-               num_tasks: int, random_initial_iteration_offset: int = 0,
-               meta_loss_split: Optional[str] = None, task_name: Optional[str] = None):
+               num_tasks: int, meta_loss_split: Optional[str] = None,
+               random_initial_iteration_offset: int = 0, outer_data_split: str = "train",
+               meta_loss_with_aux_key: Optional[str] = None,
+               task_name: Optional[str] = None, reset_mode: str = "cond"):
+    if isinstance(meta_loss_split, int) and not isinstance(meta_loss_split, bool):
+      # The reference's positional order is (..., num_tasks, meta_loss_split,
+      # random_initial_iteration_offset); an int here is an offset passed positionally.
+      raise ValueError("VectorizedLOptTruncatedStep: meta_loss_split must be None, "
+                       f"'same_data' or a split name, got {meta_loss_split!r} (pass "
+                       "random_initial_iteration_offset by keyword).")
     if int(num_tasks) != num_tasks or num_tasks <= 0:
       raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}.")
     if int(random_initial_iteration_offset) < 0:
       raise ValueError("random_initial_iteration_offset must be >= 0, got "
                        f"{random_initial_iteration_offset!r}.")
+    if reset_mode not in RESET_MODES:
+      raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}.")
     # Abstract (no-compute) check that the family can be vmapped, so a bad family fails
     # here with its name rather than deep inside the fused step's tracing.
     tasks_base.check_task_family(task_family, jax.random.key(0))
@@ -96,6 +127,9 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     self.num_tasks = int(num_tasks)
     self.random_initial_iteration_offset = int(random_initial_iteration_offset)
     self.meta_loss_split = meta_loss_split
+    self.outer_data_split = outer_data_split
+    self.meta_loss_with_aux_key = meta_loss_with_aux_key
+    self.reset_mode = reset_mode
     self._task_name = task_name
 
   def outer_init(self, key):
@@ -105,48 +139,58 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     return (self._task_name or getattr(self.task_family, "name", None)
             or type(self.task_family).__name__)
 
+  def cfg_name(self) -> str:
+    return getattr(self.learned_opt, "name", None) or type(self.learned_opt).__name__
+
+  @property
+  def _separate_meta_batch(self) -> bool:
+    return self.meta_loss_split not in (None, "same_data")
+
   # --- one task ---------------------------------------------------------------------
 
-  def _init_one(self, theta, key, outer_state, with_offset: bool):
+  def _init_one(self, theta, key, outer_state, with_offset: bool, num_steps=None):
     k_param, k_init, k_trunc, k_opt, k_offset = jax.random.split(key, 5)
     task_param = self.task_family.sample(k_param)
     task = self.task_family.task_fn(task_param)
     params, model_state = task.init_with_state(k_init)
     trunc_state = self.trunc_sched.init(k_trunc, outer_state)
     opt = self.learned_opt.opt_fn(theta, is_training=True)
-    opt_state = opt.init(params, model_state, num_steps=trunc_state.length, key=k_opt)
+    if num_steps is None:
+      num_steps = trunc_state.length
+    opt_state = opt.init(params, model_state, num_steps=num_steps, key=k_opt)
     if with_offset and self.random_initial_iteration_offset > 0:
-      inner_step = jax.random.randint(k_offset, (), 0, self.random_initial_iteration_offset,
-                                      dtype=jnp.int32)
+      inner_step_ = jax.random.randint(k_offset, (), 0,
+                                       self.random_initial_iteration_offset,
+                                       dtype=jnp.int32)
     else:
-      inner_step = jnp.asarray(0, jnp.int32)
-    return TruncatedUnrollState(inner_opt_state=opt_state, inner_step=inner_step,
+      inner_step_ = jnp.asarray(0, jnp.int32)
+    return TruncatedUnrollState(inner_opt_state=opt_state, inner_step=inner_step_,
                                 truncation_state=trunc_state, task_param=task_param,
                                 is_done=jnp.asarray(False))
 
-  def _train_one(self, theta, state: TruncatedUnrollState, key, batch=None):
-    k_data, k_loss, k_opt, k_meta = jax.random.split(key, 4)
+  def _train_one(self, theta, state: TruncatedUnrollState, key, data=None):
+    # Separate streams: the meta-loss batch of a split must not repeat the training draw.
+    k_data, k_train, k_meta = jax.random.split(key, 3)
     task = self.task_family.task_fn(state.task_param)
     opt = self.learned_opt.opt_fn(theta, is_training=True)
-    params, model_state = opt.get_params_state(state.inner_opt_state)
-    if batch is None:
-      batch = task.sample_batch(k_data, "train")
-
-    def loss_fn(p):
-      return task.loss_with_state(p, model_state, k_loss, batch)
-
-    (loss, new_model_state), grad = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    opt_state = opt.update(state.inner_opt_state, grad, loss=loss,
-                           model_state=new_model_state, key=k_opt)
-    if self.meta_loss_split is None:
-      meta_loss = loss
-    else:
-      new_params, new_state = opt.get_params_state(opt_state)
-      meta_batch = (batch if self.meta_loss_split == "same_data"
-                    else task.sample_batch(k_data, self.meta_loss_split))
-      meta_loss, _ = task.loss_with_state(new_params, new_state, k_meta, meta_batch)
+    train_batch, meta_batch = data, None
+    if data is not None and self._separate_meta_batch:
+      train_batch, meta_batch = data
+    if train_batch is None:
+      train_batch = task.sample_batch(k_data, "train")
+    aux_key = self.meta_loss_with_aux_key
+    opt_state, _, meta_loss = inner_step.train_step(task, opt, state.inner_opt_state,
+                                                    k_train, train_batch, aux_key)
+    if self.meta_loss_split == "same_data":
+      meta_loss = inner_step.eval_loss(task, opt, opt_state, k_meta, train_batch,
+                                       aux_key=aux_key)
+    elif self._separate_meta_batch:
+      meta_loss = inner_step.eval_loss(task, opt, opt_state, k_meta, meta_batch,
+                                       split=self.meta_loss_split, aux_key=aux_key)
     state = state.replace(inner_opt_state=opt_state, inner_step=state.inner_step + 1)
-    return state, task.normalizer(meta_loss)
+    if aux_key is None:
+      meta_loss = task.normalizer(meta_loss)
+    return state, meta_loss
 
   # --- many tasks -------------------------------------------------------------------
 
@@ -154,11 +198,18 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     return jnp.arange(self.num_tasks) if task_ids is None else task_ids
 
   def init_step_state(self, theta, outer_state, key, theta_is_vector: bool = False,
-                      task_ids: Optional[jax.Array] = None) -> TruncatedUnrollState:
-    """Fresh (staggered) states for ``task_ids``; every leaf is ``[len(task_ids), ...]``."""
+                      task_ids: Optional[jax.Array] = None,
+                      num_steps_override=None) -> TruncatedUnrollState:
+    """Fresh (staggered) states for ``task_ids``; every leaf is ``[len(task_ids), ...]``.
+
+    num_steps_override: the trajectory length the inner optimizer's ``init`` is told
+    (``num_steps``) instead of the truncation state's length; whole-unroll estimators
+    pass the length they draw (an int or a traced int32 scalar).
+    """
     task_ids = self._task_ids(task_ids)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
-    init = lambda th, k: self._init_one(th, k, outer_state, with_offset=True)
+    init = lambda th, k: self._init_one(th, k, outer_state, with_offset=True,
+                                        num_steps=num_steps_override)
     return jax.vmap(init, in_axes=(0 if theta_is_vector else None, 0))(theta, keys)
 
   def unroll_step(self, theta, state: TruncatedUnrollState, key, data=None,
@@ -166,8 +217,9 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
                   task_ids: Optional[jax.Array] = None):
     """One inner step of every task. Returns ``(state, TruncatedUnrollOut[tasks])``.
 
-    ``data``: ``None`` (each task draws its batch on device) or a host-fed batch per task,
-    leaves ``[tasks, ...]``.
+    ``data``: ``None`` (each task draws its batches on device) or a host-fed batch per
+    task, leaves ``[tasks, ...]``; with a ``meta_loss_split`` naming a split it is the
+    pair ``(train_batch, meta_batch)``, as ``get_batch`` returns it.
     """
     task_ids = self._task_ids(task_ids)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
@@ -175,6 +227,7 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     k_step = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     k_reset = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     k_sched = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+    data = data if _has_leaves(data) else None
 
     trained, loss = jax.vmap(self._train_one, in_axes=(th_axis, 0, 0, 0))(
         theta, state, k_step, data)
@@ -185,8 +238,10 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
       fresh = jax.vmap(init, in_axes=(th_axis, 0))(theta, k_reset)
       return common.select_per_task(reset, fresh, trained)
 
-    # Skip the (costly) re-initialisation on the many steps where no local task resets.
-    next_state = jax.lax.cond(jnp.any(reset), with_resets, lambda: trained)
+    if self.reset_mode == "cond":
+      next_state = jax.lax.cond(jnp.any(reset), with_resets, lambda: trained)
+    else:
+      next_state = with_resets()
     next_trunc, is_done = jax.vmap(
         lambda s, n, k: self.trunc_sched.next_state(s, n, k, outer_state))(
             next_state.truncation_state, next_state.inner_step, k_sched)
@@ -203,9 +258,10 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     """``num_steps`` inner steps in one ``lax.scan``; outputs are ``[num_steps, tasks]``.
 
     ``data``: ``None`` (batches drawn on device) or host-fed batches with leaves
-    ``[num_steps, tasks, ...]`` (the reference's ``datas_list`` path).
+    ``[num_steps, tasks, ...]`` (the reference's ``datas_list`` path, see ``get_batch``).
     """
     task_ids = self._task_ids(task_ids)
+    data = data if _has_leaves(data) else None
 
     def body(state, xs):
       step, batch = xs
@@ -214,3 +270,60 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
                               task_ids=task_ids)
 
     return jax.lax.scan(body, state, (jnp.arange(num_steps), data))
+
+  # --- the reference's host data model ----------------------------------------------
+
+  def _shape(self, steps):
+    return (self.num_tasks,) if steps is None else (int(steps), self.num_tasks)
+
+  def get_batch(self, steps: Optional[int] = None):
+    """Training data for ``unroll``'s ``data`` drawn on the host from the family's
+    ``datasets`` iterators: leaves ``[steps, num_tasks, ...]`` (``[num_tasks, ...]``
+    without ``steps``), paired with a batch of ``meta_loss_split`` when that names a
+    split. ``()`` for a family without datasets (batches then come from the device)."""
+    datasets = self.task_family.datasets
+    train = inner_step.host_batches(datasets, "train", self._shape(steps))
+    if not self._separate_meta_batch or datasets is None:
+      return train
+    return train, inner_step.host_batches(datasets, self.meta_loss_split,
+                                          self._shape(steps))
+
+  def get_outer_batch(self, steps: Optional[int] = None):
+    """Batches of ``outer_data_split`` for ``meta_loss_batch``, shaped as ``get_batch``."""
+    return inner_step.host_batches(self.task_family.datasets, self.outer_data_split,
+                                   self._shape(steps))
+
+  def meta_loss_batch(self, theta, unroll_state: TruncatedUnrollState, key, data,
+                      outer_state=None, theta_is_vector: bool = False,
+                      task_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Meta-loss ``[tasks]`` of each task's current params on ``data`` (one batch per
+    task, leaves ``[tasks, ...]``, or ``None``/``()`` to draw ``outer_data_split`` on
+    device): normalised loss, or the aux value ``meta_loss_with_aux_key``."""
+    del outer_state
+    task_ids = self._task_ids(task_ids)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
+    data = data if _has_leaves(data) else None
+    aux_key = self.meta_loss_with_aux_key
+
+    def one(th, st, k, batch):
+      task = self.task_family.task_fn(st.task_param)
+      opt = self.learned_opt.opt_fn(th, is_training=True)
+      loss = inner_step.eval_loss(task, opt, st.inner_opt_state, k, batch,
+                                  split=self.outer_data_split, aux_key=aux_key)
+      return loss if aux_key is not None else task.normalizer(loss)
+
+    return jax.vmap(one, in_axes=(0 if theta_is_vector else None, 0, 0, 0))(
+        theta, unroll_state, keys, data)
+
+
+class SimpleVecLOptTruncatedStep(VectorizedLOptTruncatedStep):
+  """The reference's simplified step: ``num_tasks`` copies of one ``task`` (fresh params
+  per trajectory), each trajectory ``unroll_length`` inner steps."""
+
+  def __init__(self, task: tasks_base.Task, lopt: lopt_base.LearnedOptimizer,
+               num_tasks: int, unroll_length: int = 5, **kwargs):
+    super().__init__(tasks_base.single_task_to_family(task), lopt,
+                     truncation_schedule.ConstantTruncationSchedule(unroll_length),
+                     num_tasks, **kwargs)
+    self.task = task
+    self.unroll_length = int(unroll_length)

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 
 from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import estimator_base
-from spmd_lopt.outer_trainers import truncated_pes
 
 
 @flax.struct.dataclass
@@ -49,70 +48,69 @@ class NRESWorkerState:
   noise: Any
 
 
-class TruncatedNRES(truncated_pes.AntitheticTruncatedEstimator):
+class TruncatedNRES(estimator_base.AntitheticTruncatedEstimator):
   """Antithetic noise-reuse ES (module docstring). Same construction and options as
-  ``TruncatedPES``: ``trunc_length``, ``std``, ``steps_per_jit`` (validated only: the
+  ``TruncatedPES``: ``trunc_length``, ``std``, ``steps_per_jit`` (accepted, no effect: the
   truncation is one scan), ``stack_antithetic_samples``, ``sign_delta_loss_scalar``."""
 
   def init_local(self, theta, outer_state, key, task_ids):
-    # The inner states use ``key`` exactly as PES does (same tasks for the same key); the
-    # first trajectories' noise comes from a separate stream of it.
-    state = self.truncated_step.init_step_state(theta, outer_state, key,
+    # Two independent streams: the inner states must not share randomness with the noise.
+    k_state, k_noise = jax.random.split(key)
+    state = self.truncated_step.init_step_state(theta, outer_state, k_state,
                                                 task_ids=task_ids)
-    noise = common.per_task_noise(jax.random.split(key)[1], task_ids, theta, self.std)
+    noise = common.per_task_noise(k_noise, task_ids, theta, self.std)
     return NRESWorkerState(pos_state=state, neg_state=state, noise=noise)
 
   def _unroll(self, theta, e_old, e_new, state: NRESWorkerState, key, task_ids,
-              outer_state):
+              outer_state, data=None):
     """``trunc_length`` steps; step ``t`` uses ``fold_in(key, t)`` (as ``unroll``) and, per
     task, ``theta +- e_old`` until the task's first reset step, ``theta +- e_new`` from it
-    on. Returns ``(pos_state, neg_state, p_out, n_out)``, outputs ``[T, n]``."""
+    on. ``data``: ``None`` or host-fed batches ``[T, n, ...]``. Returns ``(pos_state,
+    neg_state, p_out, n_out)``, outputs ``[T, n]``."""
     step = self.truncated_step
-    n = task_ids.shape[0]
     stacked = self.stack_antithetic_samples
 
     def thetas(started):
       e = common.select_per_task(started, e_new, e_old)
       return common.add_per_task(theta, e, +1.0), common.add_per_task(theta, e, -1.0)
 
-    def one_step(st, th, ids, k):
-      return step.unroll_step(th, st, k, outer_state=outer_state, theta_is_vector=True,
-                              task_ids=ids)
+    def one_step(st, th, ids, k, batch):
+      return step.unroll_step(th, st, k, data=batch, outer_state=outer_state,
+                              theta_is_vector=True, task_ids=ids)
 
-    def body(carry, t):
+    def body(carry, xs):
+      t, batch = xs
       pos, neg, started = carry
       # pos.is_done marks the tasks this step resets: their new trajectory starts now.
       started = started | pos.is_done
       th_p, th_n = thetas(started)
       k = jax.random.fold_in(key, t)
       if stacked:
-        both, out = one_step(common.concat_tasks(pos, neg), common.concat_tasks(th_p, th_n),
-                             jnp.concatenate([task_ids, task_ids]), k)
-        pos, neg = common.split_tasks(both, n)
-        p_out = jax.tree.map(lambda x: x[:n], out)
-        n_out = jax.tree.map(lambda x: x[n:], out)
+        both_th, both_ids, both_batch = common.stack_antithetic(th_p, th_n, task_ids, batch)
+        both, out = one_step(common.concat_tasks(pos, neg), both_th, both_ids, k,
+                             both_batch)
+        pos, neg = common.unstack_antithetic(both)
+        p_out, n_out = common.unstack_antithetic(out)
       else:
-        pos, p_out = one_step(pos, th_p, task_ids, k)
-        neg, n_out = one_step(neg, th_n, task_ids, k)
+        pos, p_out = one_step(pos, th_p, task_ids, k, batch)
+        neg, n_out = one_step(neg, th_n, task_ids, k, batch)
       return (pos, neg, started), (p_out, n_out)
 
     # zeros_like of a state leaf (not jnp.zeros): under shard_map the carry must have the
     # same "varying over the task axis" type as the flags it is OR-ed with.
     init = (state.pos_state, state.neg_state, jnp.zeros_like(state.pos_state.is_done))
-    (pos, neg, _), (p_out, n_out) = jax.lax.scan(body, init,
-                                                 jnp.arange(self.trunc_length))
+    (pos, neg, _), (p_out, n_out) = jax.lax.scan(
+        body, init, (jnp.arange(self.trunc_length), data))
     return pos, neg, p_out, n_out
 
-  def estimate_local(self, theta, state, key, task_ids, outer_state):
+  def estimate_local(self, theta, state, key, task_ids, outer_state, data=None):
     k_noise, k_unroll = jax.random.split(key)
     e_old = state.noise
     e_new = common.per_task_noise(k_noise, task_ids, theta, self.std)
     pos_state, neg_state, p_out, n_out = self._unroll(
-        theta, e_old, e_new, state, k_unroll, task_ids, outer_state)
+        theta, e_old, e_new, state, k_unroll, task_ids, outer_state, data)
 
-    grad, loss, nonfinite, info, restarted = self._combine(p_out, n_out, e_old, e_new)
+    est, restarted = self._combine(p_out, n_out, e_old, e_new)
     next_noise = common.select_per_task(restarted, e_new, e_old)
-    return estimator_base.LocalEstimate(
-        grad=grad, loss=loss, nonfinite=nonfinite,
-        state=NRESWorkerState(pos_state=pos_state, neg_state=neg_state, noise=next_noise),
-        unroll_info=info)
+    return est.replace(state=NRESWorkerState(pos_state=pos_state, neg_state=neg_state,
+                                             noise=next_noise))

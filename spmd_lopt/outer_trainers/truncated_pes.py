@@ -31,7 +31,7 @@ gradient across a trajectory boundary.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax
 import jax
@@ -39,9 +39,6 @@ import jax.numpy as jnp
 
 from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import estimator_base
-from spmd_lopt.outer_trainers import lopt_truncated_step
-from spmd_lopt.outer_trainers import truncated_step as truncated_step_lib
-from spmd_lopt.tasks import base as tasks_base
 
 
 @flax.struct.dataclass
@@ -53,122 +50,17 @@ class PESWorkerState:
   accumulator: Any
 
 
-def build_truncated_step(truncated_step, task_family, learned_opt, trunc_sched, num_tasks,
-                         random_initial_iteration_offset, who: str):
-  """Accept either a ready truncated step or the pieces to build one (issue-style
-  keyword construction), and fail clearly on a mix or a gap."""
-  if isinstance(truncated_step, tasks_base.TaskFamily):
-    task_family, truncated_step = truncated_step, None
-  if truncated_step is not None:
-    if not isinstance(truncated_step, truncated_step_lib.VectorizedTruncatedStep):
-      raise TypeError(f"{who}: truncated_step must be a VectorizedTruncatedStep, got "
-                      f"{type(truncated_step).__name__}.")
-    return truncated_step
-  missing = [n for n, v in [("task_family", task_family), ("learned_opt", learned_opt),
-                            ("trunc_sched", trunc_sched), ("num_tasks", num_tasks)]
-             if v is None]
-  if missing:
-    raise ValueError(f"{who}: pass truncated_step=..., or all of task_family, "
-                     f"learned_opt, trunc_sched, num_tasks (missing: {missing}).")
-  return lopt_truncated_step.VectorizedLOptTruncatedStep(
-      task_family, learned_opt, trunc_sched, num_tasks,
-      random_initial_iteration_offset=random_initial_iteration_offset)
-
-
-def check_lengths(who: str, trunc_length: int, steps_per_jit: Optional[int]) -> int:
-  if int(trunc_length) != trunc_length or trunc_length <= 0:
-    raise ValueError(f"{who}: trunc_length must be a positive integer, got "
-                     f"{trunc_length!r}.")
-  if steps_per_jit is None:
-    return int(trunc_length)
-  if int(steps_per_jit) != steps_per_jit or steps_per_jit <= 0:
-    raise ValueError(f"{who}: steps_per_jit must be a positive integer, got "
-                     f"{steps_per_jit!r}.")
-  if trunc_length % steps_per_jit:
-    raise ValueError(f"{who}: trunc_length ({trunc_length}) must be a multiple of "
-                     f"steps_per_jit ({steps_per_jit}).")
-  return int(steps_per_jit)
-
-
-def pes_weights(delta: jax.Array, mask: jax.Array, is_reset: jax.Array):
-  """Split each task's antithetic loss difference between the two perturbations.
-
-  delta, mask, is_reset: ``[T, n]`` (``L+ - L-``, 1 on unmasked steps, 1 on reset steps).
-  Returns ``(w_old, w_new)``, each ``[n]``: the masked mean over steps of ``delta`` on the
-  steps before the first reset (they multiply the accumulated perturbation) and from the
-  first reset on (they multiply the current perturbation alone).
-  """
-  in_new_trajectory = jnp.cumsum(is_reset.astype(jnp.int32), axis=0) > 0
-  w_old = common.masked_mean_over_steps(jnp.where(in_new_trajectory, 0.0, delta), mask)
-  w_new = common.masked_mean_over_steps(jnp.where(in_new_trajectory, delta, 0.0), mask)
-  return w_old, w_new
-
-
-class AntitheticTruncatedEstimator(estimator_base.GradientEstimator):
-  """Construction and options shared by the antithetic truncated ES estimators (PES and
-  NRES): the truncated step (given, or built from parts), ``trunc_length``, ``std``,
-  ``steps_per_jit`` (validated only), ``stack_antithetic_samples``,
-  ``sign_delta_loss_scalar`` and ``clip_nan_loss_to_value``."""
-
-  def __init__(self, truncated_step=None, trunc_length: int = 10, std: float = 0.01,
-               steps_per_jit: Optional[int] = 10, stack_antithetic_samples: bool = True,
-               sign_delta_loss_scalar: Optional[float] = None,
-               clip_nan_loss_to_value: float = 20.0, *, task_family=None,
-               learned_opt=None, trunc_sched=None, num_tasks=None,
-               random_initial_iteration_offset: int = 0):
-    self.truncated_step = build_truncated_step(
-        truncated_step, task_family, learned_opt, trunc_sched, num_tasks,
-        random_initial_iteration_offset, type(self).__name__)
-    if steps_per_jit is not None and steps_per_jit > trunc_length:
-      steps_per_jit = trunc_length
-    self.steps_per_jit = check_lengths(type(self).__name__, trunc_length,
-                                       steps_per_jit)
-    if not std > 0:
-      raise ValueError(f"{type(self).__name__}: std must be positive, got {std!r}.")
-    self.trunc_length = int(trunc_length)
-    self.std = float(std)
-    self.stack_antithetic_samples = bool(stack_antithetic_samples)
-    self.sign_delta_loss_scalar = sign_delta_loss_scalar
-    self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
-
-  def _combine(self, p_out, n_out, old, new):
-    """The estimate from one antithetic unroll, shared by PES and NRES.
-
-    p_out/n_out: per-step outputs ``[T, n]``; old/new: per-task perturbations (leaves
-    ``[n, *theta.shape]``) that the steps before / from the first reset step depend on.
-    ``g_i = (w_old_i * old_i + w_new_i * new_i) / (2 std^2)`` with the weights of
-    ``pes_weights``. Returns ``(grad, loss, nonfinite, unroll_info, restarted)``: grad
-    and loss are means over the slice after ``sanitize_per_task``; restarted ``[n]`` says
-    which tasks reset inside the unroll.
-    """
-    mask = p_out.mask
-    w_old, w_new = pes_weights(p_out.loss - n_out.loss, mask, p_out.is_reset)
-    if self.sign_delta_loss_scalar is not None:
-      w_old = jnp.sign(w_old) * self.sign_delta_loss_scalar
-      w_new = jnp.sign(w_new) * self.sign_delta_loss_scalar
-    scale = 1.0 / (2.0 * self.std ** 2)
-    grads = jax.tree.map(jnp.add, common.scale_per_task(w_old * scale, old),
-                         common.scale_per_task(w_new * scale, new))
-    losses = common.masked_mean_over_steps(0.5 * (p_out.loss + n_out.loss), mask)
-    grads, losses, nonfinite = estimator_base.sanitize_per_task(
-        grads, losses, self.clip_nan_loss_to_value)
-    info = estimator_base.UnrollInfo(loss=p_out.loss, iteration=p_out.iteration,
-                                     task_param=p_out.task_param, is_done=p_out.is_done)
-    return (jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), jnp.mean(losses),
-            nonfinite, info, jnp.any(p_out.is_reset, axis=0))
-
-
-class TruncatedPES(AntitheticTruncatedEstimator):
+class TruncatedPES(estimator_base.AntitheticTruncatedEstimator):
   """Antithetic truncated PES (see module docstring for the estimator).
 
   Construct it the reference way, ``TruncatedPES(truncated_step=..., trunc_length=50)``,
   or from parts: ``TruncatedPES(task_family=..., learned_opt=..., trunc_sched=...,
   num_tasks=..., trunc_length=..., random_initial_iteration_offset=..., std=...)``.
 
-  ``steps_per_jit`` is validated (it must divide ``trunc_length``) for compatibility; the
-  whole truncation always runs as one ``lax.scan`` inside the fused step, so it does not
-  change the program. ``stack_antithetic_samples=True`` runs the positive and negative
-  unrolls as one scan over ``2 * tasks`` (one batched program); ``False`` runs two scans.
+  ``steps_per_jit`` is accepted for compatibility and has no effect: the whole truncation
+  always runs as one ``lax.scan`` inside the fused step. ``stack_antithetic_samples=True``
+  runs the positive and negative unrolls as one scan over ``2 * tasks`` (one batched
+  program); ``False`` runs two scans.
   """
 
   def init_local(self, theta, outer_state, key, task_ids):
@@ -185,15 +77,12 @@ class TruncatedPES(AntitheticTruncatedEstimator):
     run = lambda th, st, ids, d: step.unroll(th, st, key, self.trunc_length, outer_state,
                                              theta_is_vector=True, task_ids=ids, data=d)
     if self.stack_antithetic_samples:
-      n = task_ids.shape[0]
-      # Both halves see the same batches: the antithetic difference must not carry data noise.
-      both_data = jax.tree.map(lambda d: jnp.concatenate([d, d], axis=1), data)
-      both, out = run(common.concat_tasks(pos_theta, neg_theta),
-                      common.concat_tasks(state.pos_state, state.neg_state),
-                      jnp.concatenate([task_ids, task_ids]), both_data)
-      pos_state, neg_state = common.split_tasks(both, n)
-      p_out = jax.tree.map(lambda x: x[:, :n], out)
-      n_out = jax.tree.map(lambda x: x[:, n:], out)
+      both_theta, both_ids, both_data = common.stack_antithetic(
+          pos_theta, neg_theta, task_ids, data, data_axis=1)
+      both, out = run(both_theta, common.concat_tasks(state.pos_state, state.neg_state),
+                      both_ids, both_data)
+      pos_state, neg_state = common.unstack_antithetic(both, axis=0)
+      p_out, n_out = common.unstack_antithetic(out, axis=1)
     else:
       pos_state, p_out = run(pos_theta, state.pos_state, task_ids, data)
       neg_state, n_out = run(neg_theta, state.neg_state, task_ids, data)
@@ -206,9 +95,7 @@ class TruncatedPES(AntitheticTruncatedEstimator):
         theta, eps, state, k_unroll, task_ids, outer_state, data)
 
     acc = jax.tree.map(jnp.add, state.accumulator, eps)
-    grad, loss, nonfinite, info, restarted = self._combine(p_out, n_out, acc, eps)
+    est, restarted = self._combine(p_out, n_out, acc, eps)
     next_acc = common.select_per_task(restarted, eps, acc)
-    return estimator_base.LocalEstimate(
-        grad=grad, loss=loss, nonfinite=nonfinite,
-        state=PESWorkerState(pos_state=pos_state, neg_state=neg_state, accumulator=next_acc),
-        unroll_info=info)
+    return est.replace(state=PESWorkerState(pos_state=pos_state, neg_state=neg_state,
+                                            accumulator=next_acc))

@@ -99,3 +99,40 @@ class NeverEndingTruncationSchedule(TruncationSchedule):
   @property
   def max_length(self) -> int:
     return int(jnp.iinfo(jnp.int32).max)
+
+
+class ScheduledTruncationSchedule(TruncationSchedule):
+  """Lengths that follow the outer iteration: ``schedule(outer_iteration)`` (called with
+  ``max_steps=`` when given, as the reference's scalar schedules are), optionally jittered
+  by ``round(N(0, std^2))`` and then kept ``>= min_length``.
+
+  Its maximum length is not known statically, so it drives the truncated estimators
+  (PES, NRES, TruncatedGrad); whole-unroll estimators need a ``max_length`` and refuse it.
+  """
+
+  def __init__(self, schedule, max_steps=None, std: float = 0, min_length: int = 10):
+    if not callable(schedule):
+      raise ValueError("ScheduledTruncationSchedule.schedule must be callable "
+                       f"(outer_iteration -> length), got {schedule!r}.")
+    if std < 0:
+      raise ValueError(f"ScheduledTruncationSchedule.std must be >= 0, got {std!r}.")
+    self.schedule = schedule
+    self.max_steps = max_steps
+    self.std = std
+    self.min_length = _positive_int("ScheduledTruncationSchedule.min_length", min_length)
+
+  def init(self, key, outer_state):
+    it = outer_state.outer_iteration
+    if self.max_steps is None:
+      length = self.schedule(it)
+    else:
+      length = self.schedule(it, max_steps=self.max_steps)
+    length = jnp.asarray(length)
+    if self.std > 0:
+      shift = jnp.round(jax.random.normal(key) * self.std)
+      length = jnp.maximum(length + shift, self.min_length)
+    return TruncationState(length=jnp.asarray(length).astype(jnp.int32))
+
+  @property
+  def max_length(self) -> int:
+    raise ValueError("ScheduledTruncationSchedule has no static max_length")
