@@ -124,7 +124,7 @@ def test_reference_only_estimators_in_gradient_worker_compute():
   assert float(out.to_put.theta_grads["log_lr"]) == 2.0
   assert out.to_put.mean_loss == (2.0 + 20.0) / 2  # a NaN loss counts as 20
   assert out.unroll_states == [1, 1]
-  name = "_ReferenceOnlyEstimator"
+  name = ests[0].task_name()  # the reference default, "unnamed_task"
   assert out.metrics[f"mean||{name}/nonfinite"] == 0.5  # one of the two was non-finite
   assert out.metrics["mean||calls"] == 1.0
 
