@@ -361,3 +361,34 @@ def test_sigint_with_steps_per_call_resumes_exactly(tmp_path, monkeypatch):
   assert _train(b, **over)["resumed_from_step"] == 5
   assert _losses(a) == _losses(b) and list(_losses(a)) == [10]
   jax.tree.map(np.testing.assert_array_equal, _theta(a), _theta(b))
+
+
+def test_eval_keys_may_differ_on_resume(straight, tmp_path):
+  """Periodic evaluation switched on when resuming (eval_every=10) is accepted and does
+  not change the trajectory: theta and losses stay bit-identical to the run without it."""
+  workdir = str(tmp_path / "eval_on_resume")
+  _train(workdir, outer_steps=10)
+  summary = _train(workdir, outer_steps=20, eval_every=10, eval_steps=5, eval_seeds=1)
+  assert summary["resumed_from_step"] == 10
+  assert _losses(workdir) == _losses(straight)
+  jax.tree.map(np.testing.assert_array_equal, _theta(workdir), _theta(straight))
+  evaluated = [r["step"] for r in _records(workdir) if "eval/time_s" in r]
+  assert evaluated and evaluated[-1] == 20, evaluated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_kill_campaign_on_a_small_config(tmp_path, processes):
+  """scripts/kill_campaign.py, short: SIGKILLed runs (one inside a checkpoint write)
+  resume to a bit-identical theta, losing at most one checkpoint interval."""
+  out = tmp_path / "report.json"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "kill_campaign.py"),
+                         "--runs=2", f"--processes={processes}", "--outer_steps=12",
+                         "--checkpoint_every=3", f"--workdir={tmp_path / 'runs'}",
+                         f"--out={out}"], env=_env(2), capture_output=True, text=True,
+                        timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["runs"] == 2 and report["failed"] == []
+  assert report["theta_bit_identical"] == 2
+  assert report["max_steps_lost"] <= 3
