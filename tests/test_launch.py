@@ -97,6 +97,7 @@ def test_default_output_is_the_summary_and_nothing_else(tiny_run):
     assert os.path.join(str(workdir), name) in wrote[0], wrote[0]
 
 
+@pytest.mark.slow  # one more launcher process
 def test_verbosity_flag_shows_library_info(tmp_path):
   proc = _run([f"--workdir={tmp_path / 'v'}", "--verbosity=0", *TINY[:-1],
                "--config.outer_steps=2"])
