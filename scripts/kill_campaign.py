@@ -40,7 +40,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = dict(num_tasks=8, trunc_length=5, min_length=10, max_length=20,
+TINY = dict(tasks="quadratic", num_tasks=8, trunc_length=5, min_length=10, max_length=20,
             random_initial_iteration_offset=20, quadratic_dim=4, lopt_hidden_size=8,
             log_every=1, checkpoint_every_secs=0.0, keep_checkpoints=2, std=0.1)
 
@@ -56,6 +56,10 @@ def _start(workdir: str, args, processes: int) -> list[subprocess.Popen]:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  if args.compilation_cache:  # every launch after the first skips compilation
+    env.update(JAX_COMPILATION_CACHE_DIR=args.compilation_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   flags = [f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in
                                       dict(TINY, outer_steps=args.outer_steps,
                                            checkpoint_every=args.checkpoint_every).items()]
@@ -171,11 +175,16 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", default=None, help="default: a temporary directory")
   parser.add_argument("--keep", action="store_true", help="keep the runs' workdirs")
   parser.add_argument("--out", default=None, help="write the JSON report here")
+  parser.add_argument("--no_compilation_cache", action="store_true",
+                      help="compile in every launch (default: a persistent cache shared by "
+                      "the campaign's launches)")
   args = parser.parse_args(argv)
   if args.runs < 1 or args.outer_steps < 1 or args.checkpoint_every < 1:
     parser.error("--runs, --outer_steps and --checkpoint_every must be positive")
   root = args.workdir or tempfile.mkdtemp(prefix="kill_campaign_")
   rng = random.Random(args.seed)
+  args.compilation_cache = (None if args.no_compilation_cache else
+                            os.path.join(root, "compilation_cache"))
 
   base = os.path.join(root, "uninterrupted")
   shutil.rmtree(base, ignore_errors=True)

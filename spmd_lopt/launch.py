@@ -187,8 +187,8 @@ def _main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _quiet_by_default()
   # Before anything touches a device: join the other processes (if any).
-  sharding.initialize(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value, _FLAGS['process_id'].value,
-                      timeout_s=_FLAGS['init_timeout'].value)
+  sharding.initialize(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value,
+                      _FLAGS['process_id'].value, timeout_s=_FLAGS['init_timeout'].value)
   cfg = config_lib.validate(_FLAGS['config'].value)
   cfg.lock()
   workdir = _FLAGS['workdir'].value or os.path.join("runs", cfg.name)

@@ -69,11 +69,10 @@ def test_bad_values_are_clear_errors(tmp_path, override, message):
   assert message in proc.stderr
 
 
-TINY = ["--config.num_tasks=4", "--config.trunc_length=5", "--config.min_length=10",
-        "--config.max_length=20", "--config.random_initial_iteration_offset=20",
-        "--config.quadratic_dim=4", "--config.lopt_hidden_size=8", "--config.log_every=2",
-        "--config.checkpoint_every=2", "--config.checkpoint_every_secs=0",
-        "--config.outer_steps=6"]
+TINY = [f"--config.{k}={v}" for k, v in dict(
+    tasks="quadratic", num_tasks=4, trunc_length=5, min_length=10, max_length=20,
+    random_initial_iteration_offset=20, quadratic_dim=4, lopt_hidden_size=8, log_every=2,
+    checkpoint_every=2, checkpoint_every_secs=0, outer_steps=6).items()]
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +145,9 @@ def test_every_json_the_launcher_writes_is_strict(tmp_path, monkeypatch, devices
 
   monkeypatch.setattr(gradient_learner.SpmdGradientLearner, "update", nan_update)
   cfg = config_lib.base_config()
-  cfg.update(dict(num_tasks=4, trunc_length=5, min_length=10, max_length=20,
-                  random_initial_iteration_offset=20, quadratic_dim=4, lopt_hidden_size=8,
+  cfg.update(dict(tasks="quadratic", num_tasks=4, trunc_length=5, min_length=10,
+                  max_length=20, random_initial_iteration_offset=20, quadratic_dim=4,
+                  lopt_hidden_size=8,
                   log_every=2, checkpoint_every=3, checkpoint_every_secs=0.0,
                   outer_steps=4))
   workdir = tmp_path / "w"

@@ -31,7 +31,7 @@ from helpers import run_theta as _theta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = dict(num_tasks=8, trunc_length=5, min_length=10, max_length=20,
+TINY = dict(tasks="quadratic", num_tasks=8, trunc_length=5, min_length=10, max_length=20,
             random_initial_iteration_offset=20, quadratic_dim=4, lopt_hidden_size=8,
             log_every=5, checkpoint_every=5, checkpoint_every_secs=0.0, std=0.1,
             outer_steps=10)
