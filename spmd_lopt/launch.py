@@ -122,7 +122,9 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
   ``restore_from``'s latest) with exactly the keys of an uninterrupted run
   (``train.resume``). On SIGTERM/SIGINT, on any process: every process finishes the
   step, one checkpoint is written, ``Preempted`` is raised. A workdir already at
-  ``outer_steps`` is left alone (the summary says ``nothing_to_train``).
+  ``outer_steps`` is left alone (the summary says ``nothing_to_train``), unless its
+  ``summary.json`` is missing (killed while finishing): then the outputs are written
+  from the final checkpoint.
   """
   # Before anything that could enter a collective: all processes must run one program.
   sharding.check_same_across_processes(dict(cfg.to_dict(), __mesh__=mesh_spec))
@@ -135,7 +137,9 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
   ckpt = resume.RunCheckpoints(cfg, learner, workdir)
   timer = outputs.Timer()
   start = ckpt.start(resume.init_key(cfg), restore_from)
-  if start.step >= cfg.outer_steps:
+  # summary.json is written last: without it, a run killed after its final checkpoint
+  # still gets its outputs (from that checkpoint, no step run).
+  if start.step >= cfg.outer_steps and os.path.exists(os.path.join(workdir, "summary.json")):
     ckpt.close()
     return _finished(workdir, start.step, cfg)
   if is_main:
