@@ -392,3 +392,14 @@ def test_kill_campaign_on_a_small_config(tmp_path, processes):
   assert report["runs"] == 2 and report["failed"] == []
   assert report["theta_bit_identical"] == 2
   assert report["max_steps_lost"] <= 3
+
+
+def test_run_killed_while_finishing_gets_its_outputs(straight, tmp_path):
+  """Final checkpoint written, killed before summary.json: the next launch trains
+  nothing but writes theta and the summary from that checkpoint."""
+  workdir = tmp_path / "finishing"
+  shutil.copytree(os.path.join(straight, "checkpoints"), workdir / "checkpoints")
+  summary = _train(workdir, outer_steps=20)
+  assert summary["resumed_from_step"] == 20 and not summary.get("nothing_to_train")
+  assert (workdir / "summary.json").exists()
+  jax.tree.map(np.testing.assert_array_equal, _theta(str(workdir)), _theta(straight))
