@@ -12,8 +12,10 @@
 # --num_processes and --process_id, each seeing DEVICES_PER_PROCESS virtual CPU devices
 # (cross-process collectives: gloo). Process 0 writes logs, metrics and plots; every
 # process writes its shards of the checkpoints into the shared --workdir. Output of
-# process i goes to <workdir or .>/process_i.log; the script waits for all of them and
-# exits non-zero if any failed. Ctrl-C / SIGTERM are forwarded: every process finishes
+# process i goes to <workdir>/process_i.log (--workdir=DIR or --workdir DIR; default
+# runs/<config name> is not known here, so without --workdir: ./process_i.log); the
+# script waits for all of them, exits non-zero if any failed, and on success prints
+# process 0's summary. Ctrl-C / SIGTERM are forwarded: every process finishes
 # its step, one checkpoint is written, and rerunning the same command resumes.
 set -euo pipefail
 
@@ -24,7 +26,13 @@ if [[ $# -gt 0 && "$1" == "--" ]]; then shift; fi
 
 PORT="$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 LOGDIR="."
-for a in "$@"; do [[ "$a" == --workdir=* ]] && LOGDIR="${a#--workdir=}"; done
+args=("$@")
+for ((j = 0; j < ${#args[@]}; j++)); do
+  case "${args[$j]}" in
+    --workdir=*) LOGDIR="${args[$j]#--workdir=}" ;;
+    --workdir) if ((j + 1 < ${#args[@]})); then LOGDIR="${args[$((j + 1))]}"; fi ;;
+  esac
+done
 mkdir -p "$LOGDIR"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -51,5 +59,13 @@ for i in "${!pids[@]}"; do
     echo "process ${i} exited with ${rc}; see ${LOGDIR}/process_${i}.log" >&2; status=$rc
   fi
 done
-[[ $status -eq 0 ]] && tail -n 5 "${LOGDIR}/process_0.log"
+# Process 0's summary: from its first line to the end of the log (or its last words,
+# e.g. "nothing to train", when it printed none).
+if [[ $status -eq 0 ]]; then
+  if grep -q '^Meta-trained ' "${LOGDIR}/process_0.log"; then
+    sed -n '/^Meta-trained /,$p' "${LOGDIR}/process_0.log"
+  else
+    tail -n 3 "${LOGDIR}/process_0.log"
+  fi
+fi
 exit $status

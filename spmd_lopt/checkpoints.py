@@ -46,11 +46,14 @@ FORMAT_VERSION = 1
 # Config keys that may differ between a checkpoint and the run that resumes it: they
 # change neither the state's shapes nor the trajectory of keys and updates.
 # (``outer_steps`` only sets where the run stops: the step keys are fold_in(k, step) and
-# the outer optimizers here ignore ``num_steps``.) Every other key must match; a new key
+# the outer optimizers here ignore ``num_steps``; periodic evaluation uses its own fixed
+# key and only reads theta, so the ``eval_*`` keys never change the trajectory.) Every
+# other key must match; a new key
 # added to the schema is therefore "must match" until someone lists it here.
 RESUMABLE_DIFFERENCES = frozenset({
     "name", "outer_steps", "log_every", "num_devices", "checkpoint_every",
     "checkpoint_every_secs", "keep_checkpoints",
+    "eval_every", "eval_tasks", "eval_steps", "eval_seeds",
 })
 
 

@@ -1,31 +1,29 @@
 """The command-line trainer: ``python -m spmd_lopt.launch --config configs/X.py``.
 
-One readable loop: build the learner a config describes, initialise its sharded state,
-run ``outer_steps`` fused meta steps, and log. Per logged step one JSON object goes to
-``<workdir>/metrics.jsonl`` (``step``, ``loss`` = that step's meta-loss, ``loss_avg`` over
-the steps since the last log, and the learner's metrics). At the end: the learned
-optimizer's weights, a plot of the meta-loss, ``summary.json`` and a printed summary.
+``train`` is the loop: build the learner a config describes, start it (fresh, or from
+the newest valid checkpoint with exactly the keys an uninterrupted run would use), run
+``outer_steps`` fused meta steps, then write the learned optimizer's weights, plots and
+``summary.json``. The helpers around the loop live in ``spmd_lopt.train``: ``resume``
+(checkpoints, step keys), ``stopping`` (SIGTERM/SIGINT and the per-step multi-process
+agreement), ``outputs`` (metrics records, progress, strict JSON, the summary).
 
 Flags: ``--config`` (a config file; ``--config.KEY=VALUE`` overrides any key, e.g.
 ``--config.estimators.0.num_tasks=16``; ``--print_config`` prints the resolved config),
-``--workdir`` (default ``runs/<config.name>``), ``--restore_from``, ``--mesh`` and the
+``--workdir`` (default ``runs/<config.name>``), ``--restore_from``, ``--mesh`` (the task
+axis only, for now), ``--verbosity`` (absl; library INFO lines only when given) and the
 multi-process ``--coordinator_address/--num_processes/--process_id/--init_timeout_s``.
 Only process 0 writes files (checkpoints: every process writes its own shards).
 
-Never lose a run: checkpoints go to ``<workdir>/checkpoints`` (``config.checkpoint_*``,
-``spmd_lopt.checkpoints``); launching into a workdir that holds one resumes from its
-newest valid checkpoint with exactly the keys an uninterrupted run would have used;
-SIGTERM/SIGINT finish the current step, checkpoint, and exit with 128 + the signal.
+SIGTERM/SIGINT on any process: every process finishes the current step, one checkpoint
+is written, and each exits with 128 + the signal. A workdir already at ``outer_steps``
+is left untouched ("nothing to train").
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
-import time
 import traceback
 from typing import Any, Optional
 
@@ -33,13 +31,17 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import numpy as np
 
 from spmd_lopt import checkpoints
 from spmd_lopt import config as config_lib
 from spmd_lopt import sharding
 from spmd_lopt import evaluate as evaluate_lib  # periodic evaluation (config.eval_every)
 from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
+from spmd_lopt.train import outputs
+from spmd_lopt.train import resume
+from spmd_lopt.train import stopping
+
+Preempted = stopping.Preempted  # raised by train()
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
 _FLAGS = {}
@@ -76,147 +78,43 @@ def _define_flags():
       "init_timeout_s", 300.0, "Seconds to wait for the coordinator and the other processes.")
 
 
-def _to_python(tree) -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    v = np.asarray(v)
-    out[k] = v.item() if v.size == 1 else v.tolist()
-  return out
+def _finished(workdir: str, step: int, cfg) -> dict[str, Any]:
+  """A workdir already at ``outer_steps``: say so, touch nothing, return its summary."""
+  if sharding.is_logging_process():
+    print(f"spmd_lopt: {workdir} is already at outer step {step} >= outer_steps="
+          f"{cfg.outer_steps}: nothing to train (its files are left as they are). Raise "
+          "--config.outer_steps to continue, or use another --workdir for a fresh run.",
+          file=sys.stderr, flush=True)
+  path = os.path.join(workdir, "summary.json")
+  previous = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+  return dict(previous, nothing_to_train=True)
 
 
-class _ScalarWriter:
-  """TensorBoard scalars when a writer library is installed; otherwise nothing."""
-
-  def __init__(self, workdir: str):
-    self._writer = None
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._writer = SummaryWriter(os.path.join(workdir, "tb"))
-    except ImportError:
-      logging.info("tensorboardX not installed: no TensorBoard scalars.")
-
-  def write(self, step: int, scalars: dict[str, float]):
-    if self._writer is not None:
-      for k, v in scalars.items():
-        if isinstance(v, (int, float)):
-          self._writer.add_scalar(k.replace("||", "/"), v, step)
-
-  def close(self):
-    if self._writer is not None:
-      self._writer.close()
-
-
-def _plot(records, path: str, title: str):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  steps = [r["step"] for r in records]
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot(steps, [r["loss_avg"] for r in records], label="meta-loss (mean since last log)")
-  ax.set_xlabel("outer step")
-  ax.set_ylabel("meta-loss")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-class Preempted(RuntimeError):
-  """Training stopped on SIGTERM/SIGINT after writing a checkpoint."""
-
-  def __init__(self, signum: int, step: int, directory: str):
-    self.signum, self.step, self.directory = signum, step, directory
-    super().__init__(
-        f"Stopped by {signal.Signals(signum).name} after outer step {step}; checkpoint "
-        f"written to {directory}/{step}. Launch again with the same --workdir to resume.")
-
-
-class _StopRequest:
-  """Remembers the first SIGTERM/SIGINT; the loop stops after the current step.
-
-  A second SIGINT falls through to Python's default (KeyboardInterrupt) so a stuck run
-  can still be interrupted.
-  """
-
-  def __init__(self):
-    self.signum = None
-    self._old = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signum = signum
-    logging.warning("Got %s: finishing the current step, then checkpointing.",
-                    signal.Signals(signum).name)
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-
-def _agree(local: tuple[bool, bool, int]) -> tuple[bool, bool, int]:
-  """(checkpoint due, stop, signal) agreed across processes: process 0's clock decides
-  time-based checkpoints, any process's signal stops everyone (a collective, so every
-  process must call it at the same steps)."""
-  if jax.process_count() == 1:
-    return local
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  rows = np.asarray(multihost_utils.process_allgather(
-      np.asarray([int(local[0]), int(local[1]), int(local[2])], np.int32)))
-  rows = rows.reshape(jax.process_count(), 3)
-  stops = rows[rows[:, 1] > 0]
-  return bool(rows[0, 0]), bool(len(stops)), int(stops[0, 2]) if len(stops) else 0
-
-
-def _read_records(path: str, upto_step: int) -> list[dict]:
-  """The metrics.jsonl records with ``step <= upto_step`` (a resumed run redoes the
-  steps after its checkpoint, so their old records are dropped, not duplicated)."""
-  if not os.path.exists(path):
-    return []
-  out = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:  # a torn last line from a killed run
-        continue
-      if rec.get("step", 0) <= upto_step:
-        out.append(rec)
-  return out
-
-
-def _restore(learner, cfg, workdir: str, restore_from: Optional[str], ckpt):
-  """``(state, meta)`` from ``workdir``'s newest valid checkpoint, else from
-  ``restore_from``'s, else ``None``."""
-  restored = ckpt.restore_latest(learner, cfg.to_dict())
-  if restored is not None:
-    logging.info("Resuming %s from its checkpoint at step %d.", workdir,
-                 restored[1]["step"])
-    return restored
-  if restore_from:
-    other = checkpoints.Checkpointer(checkpoints.find_checkpoint_dir(restore_from),
-                                     read_only=True)
-    try:
-      restored = other.restore_latest(learner, cfg.to_dict())
-    finally:
-      other.close()
-    if restored is None:
-      raise FileNotFoundError(f"--restore_from {restore_from!r} holds no checkpoint.")
-    logging.info("Starting from %s's checkpoint at step %d.", restore_from,
-                 restored[1]["step"])
-  return restored
+def _finish(cfg, learner, workdir, state, step, log, timer, start, evaluator):
+  """Write theta, plots and summary.json (process 0); return the summary."""
+  summary = outputs.summary(cfg, learner, log.records, timer,
+                            start.step if start.resumed else None)
+  summary["workdir"] = os.path.abspath(workdir)
+  if not sharding.is_logging_process():
+    return summary
+  theta_path = os.path.join(workdir, "theta.lopt")
+  lopt_checkpoint.save_parameter_checkpoint(
+      theta_path, learner.meta_init, jax.device_get(learner.get_meta_params(state)),
+      extra={"outer_step": step, "config": cfg.name})
+  plot_path = os.path.join(workdir, "meta_loss.png")
+  if log.records:
+    outputs.plot_meta_loss(log.records, plot_path, f"{cfg.name}: meta-loss")
+  ckdir = os.path.join(workdir, "checkpoints")
+  summary.update(theta=theta_path, plot=plot_path if log.records else None,
+                 metrics=log.path, eval_plot=evaluator.finish(workdir),
+                 summary=os.path.join(workdir, "summary.json"),
+                 config_file=os.path.join(workdir, "config.json"),
+                 checkpoints=ckdir + os.sep if os.path.isdir(ckdir) else None)
+  outputs.write_json(summary["summary"], summary)
+  return summary
 
 
 def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
@@ -225,208 +123,80 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
   """Meta-train as ``cfg`` says, writing into ``workdir``; returns the summary.
 
   Resumes from ``<workdir>/checkpoints`` when it holds a checkpoint (else from
-  ``restore_from``'s latest). The call starting at outer step ``s`` uses the key
-  ``fold_in(k_steps, s)``, ``k_steps = split(key(seed))[1]``, so a resumed run replays
-  exactly the keys of an uninterrupted one. On SIGTERM/SIGINT: finish the step, write a
-  checkpoint, raise ``Preempted``.
+  ``restore_from``'s latest) with exactly the keys of an uninterrupted run
+  (``train.resume``). On SIGTERM/SIGINT, on any process: every process finishes the
+  step, one checkpoint is written, ``Preempted`` is raised. A workdir already at
+  ``outer_steps`` is left alone (the summary says ``nothing_to_train``), unless its
+  ``summary.json`` is missing (killed while finishing): then the outputs are written
+  from the final checkpoint.
   """
   # Before anything that could enter a collective: all processes must run one program.
   sharding.check_same_across_processes(dict(cfg.to_dict(), __mesh__=mesh_spec))
+  if mesh is not None:
+    sharding.check_tasks_axis_only(mesh, mesh_spec)
   learner = config_lib.make_learner(cfg, mesh=mesh)
   is_main = sharding.is_logging_process()
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(cfg.to_dict(), f, indent=1)
-  logging.info("Mesh %s; %d estimator(s): %s", dict(learner.mesh.shape),
-               len(learner.gradient_estimators),
-               ", ".join(f"{n} ({e.num_tasks} tasks)" for n, e in
-                         zip(learner.metric_names, learner.gradient_estimators)))
-
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                  every_steps=cfg.checkpoint_every,
-                                  every_secs=cfg.checkpoint_every_secs,
-                                  keep=cfg.keep_checkpoints)
-  k_init, k_steps = jax.random.split(jax.random.key(cfg.seed))
-  spc = cfg.steps_per_call
-  num_calls = cfg.outer_steps // spc
-
-  t_start = time.time()
-  try:
-    restored = _restore(learner, cfg, workdir, restore_from, ckpt)
-  except BaseException:
-    ckpt.close()  # let orbax's threads end before the error propagates
-    raise
-  if restored is None:
-    state, start_step, pending = learner.init(sharding.replicate(k_init, learner.mesh)), 0, []
-  else:
-    state, meta = restored
-    start_step = int(meta["step"])
-    pending = [np.float32(x) for x in meta.get("pending_losses", [])]
-    if start_step % spc:
-      raise ValueError(f"The checkpoint is at step {start_step}, not a multiple of "
-                       f"steps_per_call={spc}.")
-  start_call = min(start_step // spc, num_calls)
-  if start_step >= cfg.outer_steps and is_main:
-    print(f"spmd_lopt: {workdir} is already at outer step {start_step} >= outer_steps="
-          f"{cfg.outer_steps}: nothing to train. Raise --config.outer_steps to continue, "
-          "or use another --workdir for a fresh run.", file=sys.stderr, flush=True)
-  # Keys of the remaining calls, made on device at once, replicated: the loop never
-  # ships a key. Call c (first step c*spc) gets fold_in(k_steps, c*spc).
-  starts = np.arange(start_call, max(num_calls, start_call + 1), dtype=np.int32) * spc
-  keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)),
-                 out_shardings=sharding.replicated(learner.mesh))(
-                     sharding.replicate(k_steps, learner.mesh),
-                     sharding.replicate(starts, learner.mesh))
-
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  records = _read_records(metrics_path, start_step) if restored is not None else []
-  if is_main:  # keep the records up to the checkpoint, then append
-    tmp = metrics_path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, metrics_path)
-  writer = _ScalarWriter(workdir) if is_main else None
-  progress = None
-  if is_main and show_progress:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    progress = tqdm(total=cfg.outer_steps, initial=start_call * spc, desc="meta-train",
-                    unit="step", disable=not sys.stderr.isatty())
-  multi = jax.process_count() > 1
-
-  def save(step):
-    host_pending = [float(x) for x in
-                    np.concatenate([np.atleast_1d(np.asarray(x)) for x in
-                                    jax.device_get(pending)] or [np.zeros(0)])]
-    ckpt.save(step, state, {"seed": int(cfg.seed), "config": cfg.to_dict(),
-                            "pending_losses": host_pending,
-                            "mesh": {str(k): int(v) for k, v in learner.mesh.shape.items()}})
-
-  pending_metrics = []  # not checkpointed: the first window after a resume is shorter
-  evaluator = evaluate_lib.PeriodicEvaluator.from_config(cfg, learner, enabled=is_main)
-  compile_s, t_steady, steady_steps = None, None, 0
-  step = start_call * spc
-  with _StopRequest() as stop, open(metrics_path, "a") if is_main else \
-      open(os.devnull, "w") as mfile:
-    for c in range(start_call, num_calls):
-      key = keys[c - start_call]
-      if spc == 1:
-        state, loss, metrics = learner.update(state, key, with_metrics=True)
-      else:
-        state, loss, metrics = learner.update_many(state, key, spc, with_metrics=True)
-      step = (c + 1) * spc
-      if compile_s is None:
-        jax.block_until_ready(loss)
-        compile_s = time.time() - t_start
-        t_steady = time.time()
-      else:
-        steady_steps += spc
-      pending.append(loss)
-      pending_metrics.append(metrics)
-      log_now = step % cfg.log_every == 0 or step == cfg.outer_steps
-      if log_now:
-        # One device-to-host copy per log; metrics are averaged over the logged window.
-        host_losses, host_metrics = jax.device_get((pending, pending_metrics))
-        stack = lambda *xs: np.concatenate([np.atleast_1d(x) for x in xs])
-        losses = stack(*host_losses)
-        window = jax.tree.map(lambda *xs: stack(*xs).mean(), *host_metrics)
-        rec = {"step": step, "loss": float(losses[-1]), "loss_avg": float(losses.mean()),
-               "time": time.time() - t_start, **_to_python(window)}
-        rec.update(evaluator.maybe_evaluate(step, state))  # {} unless an eval is due
-        records.append(rec)
-        pending, pending_metrics = [], []
-        if is_main:
-          mfile.write(json.dumps(rec) + "\n")
-          mfile.flush()
-          writer.write(step, rec)
-          if progress is None or progress.disable:
-            logging.info("step %d meta-loss %.4f", step, rec["loss_avg"])
-      if progress is not None:
-        progress.update(spc)
-        if records:
-          progress.set_postfix(meta_loss=f"{records[-1]['loss_avg']:.4f}")
-      # Multi-process: decide together, and only at steps every process knows are sync
-      # points (log steps, step-count checkpoints); single process: every step.
-      due, stopping, signum = ckpt.due(step), stop.signum is not None, stop.signum or 0
-      by_steps = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
-      if multi:
-        if log_now or by_steps:
-          due, stopping, signum = _agree((due, stopping, signum))
-        else:
-          due, stopping = False, False
-      if due or stopping:
-        save(step)
-      if stopping:
-        ckpt.close()
-        if progress is not None:
-          progress.close()
-        raise Preempted(signum, step, ckpt.directory)
-    if ckpt.enabled and num_calls > start_call:
-      save(step)  # the final state, so a longer run can continue from here
-  ckpt.close()
-  jax.block_until_ready(state)
-  elapsed = time.time() - t_steady if t_steady is not None else 0.0
-  if progress is not None:
-    progress.close()
-
-  # Start/end figures average the first and last tenth of the logged records: a single
-  # step's meta-loss depends on where each task is in its trajectory and is noisy.
-  k = max(1, len(records) // 10)
-  head_tail = lambda key: ((float(np.mean([r[key] for r in records[:k]])),
-                            float(np.mean([r[key] for r in records[-k:]])))
-                           if records else (float("nan"), float("nan")))
-  summary = {
-      "config": cfg.name,
-      "devices": int(learner.mesh.size),
-      "processes": jax.process_count(),
-      "device_kind": jax.devices()[0].device_kind,
-      "outer_steps": cfg.outer_steps,
-      "resumed_from_step": start_step if restored is not None else None,
-      "averaged_records": k,
-      "meta_loss_start": head_tail("loss_avg")[0],
-      "meta_loss_end": head_tail("loss_avg")[1],
-      "per_family": {name: head_tail(f"mean||{name}/mean_loss")
-                     for name in learner.metric_names},
-      "compile_and_first_step_s": compile_s if compile_s is not None else float("nan"),
-      "steps_per_s": steady_steps / elapsed if steady_steps else float("nan"),
-      "workdir": os.path.abspath(workdir),
-  }
+  ckpt = resume.RunCheckpoints(cfg, learner, workdir)
+  timer = outputs.Timer()
+  start = ckpt.start(resume.init_key(cfg), restore_from)
+  # summary.json is written last: without it, a run killed after its final checkpoint
+  # still gets its outputs (from that checkpoint, no step run).
+  if start.step >= cfg.outer_steps and os.path.exists(os.path.join(workdir, "summary.json")):
+    ckpt.close()
+    return _finished(workdir, start.step, cfg)
   if is_main:
-    theta_path = os.path.join(workdir, "theta.lopt")
-    lopt_checkpoint.save_parameter_checkpoint(
-        theta_path, learner.meta_init, jax.device_get(learner.get_meta_params(state)),
-        extra={"outer_step": step, "config": cfg.name})
-    plot_path = os.path.join(workdir, "meta_loss.png")
-    if records:
-      _plot(records, plot_path, f"{cfg.name}: meta-loss")
-    summary.update(theta=theta_path, plot=plot_path, metrics=metrics_path,
-                   eval_plot=evaluator.finish(workdir))  # eval.png, or None if eval off
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
-    writer.close()
-  return summary
+    outputs.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  keys = resume.step_keys(cfg, learner.mesh, start.step)
+  log = outputs.Log(cfg, workdir, start.step, start.resumed, start.pending, is_main,
+                    show_progress)
+  # Evaluation runs on every process (same program, replicated theta): none waits.
+  evaluator = evaluate_lib.PeriodicEvaluator.from_config(cfg, learner)
+  spc, state, step = cfg.steps_per_call, start.state, start.step
+  with stopping.StopRequest() as stop:
+    try:
+      first, num_calls = start.step // spc, cfg.outer_steps // spc
+      for c in range(first, num_calls):
+        key = keys[c - first]
+        if spc == 1:
+          state, loss, metrics = learner.update(state, key, with_metrics=True)
+        else:
+          state, loss, metrics = learner.update_many(state, key, spc, with_metrics=True)
+        step = (c + 1) * spc
+        timer.tick(loss, spc)
+        log.add(loss, metrics)
+        if log.due(step):
+          log.write(step, evaluator.maybe_evaluate(step, state))
+        log.progress(step, spc)
+        due, signum = stopping.agree(ckpt.due(step), stop.signum or 0)
+        if due or signum or (c == num_calls - 1 and ckpt.enabled):  # the last: to continue
+          ckpt.save(step, state, log.pending_losses())
+        if signum:
+          raise stopping.Preempted(signum, step, ckpt.directory)
+    finally:
+      log.close()
+      ckpt.close()
+  jax.block_until_ready(state)
+  return _finish(cfg, learner, workdir, state, step, log, timer, start, evaluator)
 
 
-def _print_summary(s: dict[str, Any]):
-  lines = [
-      f"Meta-trained '{s['config']}' for {s['outer_steps']} outer steps on "
-      f"{s['devices']} device(s) ({s['device_kind']}).",
-      f"  meta-loss: {s['meta_loss_start']:.4f} -> {s['meta_loss_end']:.4f} (mean of the "
-      f"first and of the last {s['averaged_records']} logs)",
-      *[f"    {name}: {a:.4f} -> {b:.4f}" for name, (a, b) in s["per_family"].items()],
-      f"  compile + first step: {s['compile_and_first_step_s']:.1f} s; steady state "
-      f"{s['steps_per_s']:.1f} outer steps/s",
-      f"  wrote: {s.get('metrics')}, {s.get('theta')}, {s.get('plot')}",
-  ]
-  print("\n".join(lines), flush=True)
+def _quiet_by_default():
+  """Default output is the progress bar, the summary and warnings: library INFO chatter
+  (orbax logs ~60 lines per checkpoint) only with an explicit ``--verbosity``."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+    for var in ("TPU_STDERR_LOG_LEVEL", "TPU_MIN_LOG_LEVEL"):  # libtpu's start-up INFO
+      os.environ.setdefault(var, "1")
 
 
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _quiet_by_default()
   # Before anything touches a device: join the other processes (if any).
-  sharding.initialize(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value, _FLAGS['process_id'].value,
-                      timeout_s=_FLAGS['init_timeout'].value)
+  sharding.initialize(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value,
+                      _FLAGS['process_id'].value, timeout_s=_FLAGS['init_timeout'].value)
   cfg = config_lib.load(_FLAGS['config'].value, _OVERRIDES)
   if _FLAGS['print_config'].value:
     print(config_lib.format_config(cfg), flush=True)
@@ -435,8 +205,8 @@ def _main(argv):
   mesh = sharding.mesh_from_spec(_FLAGS['mesh'].value) if _FLAGS['mesh'].value else None
   summary = train(cfg, workdir, mesh=mesh, restore_from=_FLAGS['restore_from'].value,
                   mesh_spec=_FLAGS['mesh'].value or "")
-  if sharding.is_logging_process():
-    _print_summary(summary)
+  if sharding.is_logging_process() and not summary.get("nothing_to_train"):
+    print(outputs.summary_text(summary), flush=True)
 
 
 def main(argv):

@@ -30,10 +30,10 @@ import hashlib
 import json
 import os
 import socket
-import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,6 +161,20 @@ def mesh_from_spec(spec: str, devices: Optional[Sequence[jax.Device]] = None) ->
   return jax.make_mesh(tuple(sizes), tuple(names), devices=devices)
 
 
+def check_tasks_axis_only(mesh: Mesh, spec: str = "", axis_name: str = DEFAULT_AXIS):
+  """Refuse mesh axes other than ``axis_name`` with more than one device.
+
+  Nothing shards over another axis yet: state replicated over a ``model=2`` axis would
+  compute every task twice and quietly waste half the machine.
+  """
+  extra = {str(k): int(v) for k, v in mesh.shape.items() if k != axis_name and v > 1}
+  if extra:
+    total = int(mesh.size)
+    raise ValueError(
+        f"--mesh {spec or dict(mesh.shape)!r}: axis/axes {extra} would only replicate "
+        f"every task (nothing is sharded over them yet); use --mesh {axis_name}={total}.")
+
+
 # --- multi-process start-up -------------------------------------------------------------
 
 def detected_cluster() -> Optional[str]:
@@ -239,8 +253,8 @@ def initialize(coordinator_address: Optional[str] = None,
     cluster = cluster or detected_cluster()
     if cluster is None:
       return False
-    print(f"spmd_lopt: {cluster} detected; jax.distributed.initialize() "
-          f"(timeout {timeout_s:g} s).", file=sys.stderr, flush=True)
+    logging.info("%s detected; jax.distributed.initialize() (timeout %g s).", cluster,
+                 timeout_s)
     jax.distributed.initialize(initialization_timeout=int(max(1, timeout_s)))
     return True
   if num_processes is not None and num_processes == 1 and coordinator_address is None:
@@ -260,10 +274,10 @@ def initialize(coordinator_address: Optional[str] = None,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if process_id != 0:
     _wait_for_coordinator(coordinator_address, timeout_s)
-  print(f"spmd_lopt: process {process_id}/{num_processes} joining coordinator "
-        f"{coordinator_address} (timeout {timeout_s:g} s; if this process then aborts "
-        "with DEADLINE_EXCEEDED, not every process reached that coordinator in time).",
-        file=sys.stderr, flush=True)
+  logging.info("Process %d/%d joining coordinator %s (timeout %g s; if this process "
+               "then aborts with DEADLINE_EXCEEDED, not every process reached that "
+               "coordinator in time).", process_id, num_processes, coordinator_address,
+               timeout_s)
   jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                              process_id=process_id,
                              initialization_timeout=int(max(1, timeout_s)))

@@ -30,7 +30,7 @@ from helpers import run_theta as _theta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = dict(num_tasks=8, trunc_length=5, min_length=10, max_length=20,
+TINY = dict(tasks="quadratic", num_tasks=8, trunc_length=5, min_length=10, max_length=20,
             random_initial_iteration_offset=20, quadratic_dim=4, lopt_hidden_size=8,
             log_every=5, checkpoint_every=5, checkpoint_every_secs=0.0,
             keep_checkpoints=10, std=0.1)
@@ -361,3 +361,45 @@ def test_sigint_with_steps_per_call_resumes_exactly(tmp_path, monkeypatch):
   assert _train(b, **over)["resumed_from_step"] == 5
   assert _losses(a) == _losses(b) and list(_losses(a)) == [10]
   jax.tree.map(np.testing.assert_array_equal, _theta(a), _theta(b))
+
+
+def test_eval_keys_may_differ_on_resume(straight, tmp_path):
+  """Periodic evaluation switched on when resuming (eval_every=10) is accepted and does
+  not change the trajectory: theta and losses stay bit-identical to the run without it."""
+  workdir = str(tmp_path / "eval_on_resume")
+  _train(workdir, outer_steps=10)
+  summary = _train(workdir, outer_steps=20, eval_every=10, eval_steps=5, eval_seeds=1)
+  assert summary["resumed_from_step"] == 10
+  assert _losses(workdir) == _losses(straight)
+  jax.tree.map(np.testing.assert_array_equal, _theta(workdir), _theta(straight))
+  evaluated = [r["step"] for r in _records(workdir) if "eval/time_s" in r]
+  assert evaluated and evaluated[-1] == 20, evaluated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_kill_campaign_on_a_small_config(tmp_path, processes):
+  """scripts/kill_campaign.py, short: SIGKILLed runs (one inside a checkpoint write)
+  resume to a bit-identical theta, losing at most one checkpoint interval."""
+  out = tmp_path / "report.json"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "kill_campaign.py"),
+                         "--runs=2", f"--processes={processes}", "--outer_steps=12",
+                         "--checkpoint_every=3", f"--workdir={tmp_path / 'runs'}",
+                         f"--out={out}"], env=_env(2), capture_output=True, text=True,
+                        timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["runs"] == 2 and report["failed"] == []
+  assert report["theta_bit_identical"] == 2
+  assert report["max_steps_lost"] <= 3
+
+
+def test_run_killed_while_finishing_gets_its_outputs(straight, tmp_path):
+  """Final checkpoint written, killed before summary.json: the next launch trains
+  nothing but writes theta and the summary from that checkpoint."""
+  workdir = tmp_path / "finishing"
+  shutil.copytree(os.path.join(straight, "checkpoints"), workdir / "checkpoints")
+  summary = _train(workdir, outer_steps=20)
+  assert summary["resumed_from_step"] == 20 and not summary.get("nothing_to_train")
+  assert (workdir / "summary.json").exists()
+  jax.tree.map(np.testing.assert_array_equal, _theta(str(workdir)), _theta(straight))

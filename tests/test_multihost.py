@@ -31,7 +31,7 @@ from helpers import run_theta as _theta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = dict(num_tasks=8, trunc_length=5, min_length=10, max_length=20,
+TINY = dict(tasks="quadratic", num_tasks=8, trunc_length=5, min_length=10, max_length=20,
             random_initial_iteration_offset=20, quadratic_dim=4, lopt_hidden_size=8,
             log_every=5, checkpoint_every=5, checkpoint_every_secs=0.0, std=0.1,
             outer_steps=10)
@@ -44,22 +44,23 @@ def _free_port():
 
 
 def _spawn(workdir, num_processes, port, per_process=None, timeout_s=120, only=None,
-           prelude="", **overrides):
+           prelude="", env=None, **overrides):
   """Start ``num_processes`` CLI processes (or just those in ``only``) with 2 CPU devices
-  each; return them."""
+  each; return them. ``prelude``: Python run first, or ``{process_id: code}``."""
   procs = []
   for i in (range(num_processes) if only is None else only):
     conf = {**TINY, **overrides, **((per_process or {}).get(i, {}))}
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep +
-               os.environ.get("PYTHONPATH", ""))
+    code = prelude.get(i, "") if isinstance(prelude, dict) else prelude
+    environ = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep +
+                   os.environ.get("PYTHONPATH", ""), **(env or {}))
     argv = [f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
             f"--num_processes={num_processes}", f"--process_id={i}",
             f"--init_timeout_s={timeout_s}"]
     argv += [f"--config.{k}={v}" for k, v in conf.items()]
     cmd = [sys.executable, "-c", f"import sys; sys.argv = ['launch'] + {argv!r}\n"
-           f"{prelude}\nfrom spmd_lopt.launch import run\nrun()\n"]
-    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+           f"{code}\nfrom spmd_lopt.launch import run\nrun()\n"]
+    procs.append(subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   return procs
 
@@ -84,13 +85,31 @@ def _cfg(**overrides):
   return cfg
 
 
+# Marks each process that runs a periodic evaluation (in $EVAL_MARKS/eval_<process>).
+_MARK_EVALS = """
+import os, jax
+from spmd_lopt import evaluate as _ev
+_orig_eval = _ev.evaluate_theta
+def _marked_eval(*a, **k):
+  with open(os.path.join(os.environ["EVAL_MARKS"], f"eval_{jax.process_index()}"), "a") as f:
+    f.write("x")
+  return _orig_eval(*a, **k)
+_ev.evaluate_theta = _marked_eval
+"""
+EVAL = dict(eval_every=10, eval_steps=5, eval_seeds=1)
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
+  """2 processes x 2 devices, 10 steps, with a periodic evaluation at step 10 (which
+  must not change the trajectory: the 1-process baseline has none)."""
   workdir = str(tmp_path_factory.mktemp("two_proc"))
-  outs = _finish(_spawn(workdir, 2, _free_port()))
+  marks = str(tmp_path_factory.mktemp("eval_marks"))
+  outs = _finish(_spawn(workdir, 2, _free_port(), prelude=_MARK_EVALS,
+                        env={"EVAL_MARKS": marks}, **EVAL))
   for rc, out, err in outs:
     assert rc == 0, err[-4000:]
-  return workdir, outs
+  return workdir, outs, marks
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +124,7 @@ def test_two_processes_equal_one_process_with_four_devices(two_process_run,
                                                            one_process_run):
   """Same global mesh size (4), same tasks per device: only the cross-process all-reduce
   (gloo) may sum in another order, so 1e-5 (relative, global norm for theta)."""
-  workdir, outs = two_process_run
+  workdir, outs, _ = two_process_run
   got, want = _records(workdir), _records(one_process_run)
   assert [r["step"] for r in got] == [5, 10]  # one writer: no duplicated lines
   for g, w in zip(got, want):
@@ -120,6 +139,13 @@ def test_two_processes_equal_one_process_with_four_devices(two_process_run,
   # Each process wrote its own shards of the checkpoint.
   state_dir = os.path.join(workdir, "checkpoints", "10", "state")
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state_dir))
+
+
+def test_periodic_evaluation_runs_on_every_process(two_process_run):
+  """Not on process 0 alone while the others wait at the next collective."""
+  workdir, _, marks = two_process_run
+  assert sorted(os.listdir(marks)) == ["eval_0", "eval_1"]
+  assert "eval/time_s" in _records(workdir)[-1]
 
 
 @pytest.mark.parametrize("num_devices", [4, 1])
@@ -215,33 +241,139 @@ def test_cluster_detection(monkeypatch):
     sharding.initialize(coordinator_address="127.0.0.1:1234")
 
 
+# Appends one character per meta step to $STEP_FILE<process index>.
+_COUNT_STEPS = """
+import os, jax
+from spmd_lopt.outer_trainers import gradient_learner as _glc
+_orig_counted = _glc.SpmdGradientLearner.update
+def _counted_update(self, *a, **k):
+  out = _orig_counted(self, *a, **k)
+  with open(os.environ["STEP_FILE"] + str(jax.process_index()), "a") as f:
+    f.write(".")
+  return out
+_glc.SpmdGradientLearner.update = _counted_update
+"""
+
+
+def _steps_done(prefix, process):
+  try:
+    with open(prefix + str(process)) as f:
+      return len(f.read())
+  except FileNotFoundError:
+    return 0
+
+
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_all_and_resumes(tmp_path):
-  """SIGTERM reaches only process 1: the processes agree at the next log step, write one
-  checkpoint together and both exit with 143; a new 2-process launch resumes there."""
-  workdir = str(tmp_path / "w")
-  procs = _spawn(workdir, 2, _free_port(), prelude=_SLOW_STEPS, outer_steps=100000,
-                 checkpoint_every=0)
-  metrics = os.path.join(workdir, "metrics.jsonl")
+def test_sigterm_to_one_process_stops_all_at_the_next_step(tmp_path):
+  """SIGTERM reaches only process 1 of a run that logs every 1000 steps: both processes
+  stop within a step of it (not at the next log step), write one checkpoint together
+  and exit with 143; a new 2-process launch resumes there."""
+  workdir, counter = str(tmp_path / "w"), str(tmp_path / "steps_")
+  procs = _spawn(workdir, 2, _free_port(), prelude=_SLOW_STEPS + _COUNT_STEPS,
+                 env={"STEP_FILE": counter}, outer_steps=100000, checkpoint_every=0,
+                 log_every=1000)
   try:
     deadline = time.time() + 300
-    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    while _steps_done(counter, 1) < 3:
       assert time.time() < deadline and all(p.poll() is None for p in procs)
-      time.sleep(0.2)
+      time.sleep(0.05)
+    signalled_at = _steps_done(counter, 1)
     procs[1].send_signal(signal.SIGTERM)
   finally:
-    outs = _finish(procs)
+    outs = _finish(procs, timeout=120)
   for rc, _, err in outs:
     assert rc == 128 + signal.SIGTERM, err[-4000:]
   (stopped_at,) = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))]
-  assert stopped_at % TINY["log_every"] == 0  # multi-process: stops at a log step
+  # The step running when the signal came, and at most the one already dispatched.
+  assert signalled_at <= stopped_at <= signalled_at + 2, (signalled_at, stopped_at)
   assert f"after outer step {stopped_at}" in outs[0][2]
-  outs = _finish(_spawn(workdir, 2, _free_port(), outer_steps=stopped_at + 5))
+  outs = _finish(_spawn(workdir, 2, _free_port(), outer_steps=stopped_at + 5,
+                        log_every=1000))
   for rc, _, err in outs:
     assert rc == 0, err[-4000:]
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["resumed_from_step"] == stopped_at
-  assert [r["step"] for r in _records(workdir)][-2:] == [stopped_at, stopped_at + 5]
+  assert [r["step"] for r in _records(workdir)] == [stopped_at + 5]
+
+
+# On the process it runs in, the first fingerprint check (the newest checkpoint's)
+# fails, as if that host's copy of the checkpoint were damaged.
+_DAMAGED_HERE = """
+from spmd_lopt import checkpoints as _ck
+_orig_fp, _seen = _ck.fingerprint, []
+def _damaged_first(state):
+  fp = _orig_fp(state)
+  if not _seen:
+    _seen.append(1)
+    k = sorted(fp)[0]
+    fp[k] = format(int(fp[k], 16) ^ 1, "08x")
+  return fp
+_ck.fingerprint = _damaged_first
+"""
+
+
+@pytest.mark.slow
+def test_checkpoint_damaged_on_one_process_only(two_process_run, tmp_path):
+  """Step 10 reads back damaged on process 1 only: both processes agree to set it aside
+  and resume from step 5, and recompute step 10 exactly as before."""
+  src, _, _ = two_process_run
+  workdir = tmp_path / "w"
+  shutil.copytree(os.path.join(src, "checkpoints"), workdir / "checkpoints")
+  shutil.copy(os.path.join(src, "metrics.jsonl"), workdir / "metrics.jsonl")
+  outs = _finish(_spawn(str(workdir), 2, _free_port(), prelude={1: _DAMAGED_HERE},
+                        outer_steps=15, **EVAL))
+  for rc, _, err in outs:
+    assert rc == 0, err[-4000:]
+  with open(workdir / "summary.json") as f:
+    assert json.load(f)["resumed_from_step"] == 5
+  assert [d.split("-")[0] for d in os.listdir(workdir / "checkpoints_corrupt")] == ["10"]
+  got, want = _records(str(workdir)), _records(src)
+  assert [r["step"] for r in got] == [5, 10, 15]
+  np.testing.assert_allclose([got[1]["loss"], got[1]["loss_avg"]],
+                             [want[1]["loss"], want[1]["loss_avg"]], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_restored_by_two_processes(one_process_run, tmp_path):
+  """Step 10 of the 1-process (4-device) run continues on 2 processes x 2 devices to
+  step 15, equal to continuing it in 1 process."""
+  runs = {}
+  for name in ("two", "one"):
+    workdir = tmp_path / name
+    shutil.copytree(os.path.join(one_process_run, "checkpoints"), workdir / "checkpoints")
+    runs[name] = str(workdir)
+  outs = _finish(_spawn(runs["two"], 2, _free_port(), outer_steps=15))
+  for rc, _, err in outs:
+    assert rc == 0, err[-4000:]
+  launch.train(_cfg(outer_steps=15), runs["one"], mesh=sharding.make_mesh(num_devices=4),
+               show_progress=False)
+  with open(os.path.join(runs["two"], "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["resumed_from_step"] == 10 and summary["processes"] == 2
+  got, want = _records(runs["two"]), _records(runs["one"])
+  assert [r["step"] for r in got] == [15]
+  np.testing.assert_allclose(got[-1]["loss"], want[-1]["loss"], rtol=1e-5)
+  assert global_rel_err(_theta(runs["two"]), _theta(runs["one"])) < 1e-5
+
+
+@pytest.mark.slow
+def test_local_multiprocess_script(tmp_path):
+  """``--workdir DIR`` (space form) puts the process logs there, not in the current
+  directory, and the script shows process 0's whole summary."""
+  workdir = tmp_path / "mp"
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  args = ["--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in TINY.items()]
+  proc = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"),
+                         "2", "2", "--", *args], cwd=cwd, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(p.name for p in workdir.glob("process_*.log")) == ["process_0.log",
+                                                                    "process_1.log"]
+  assert not list(cwd.iterdir())
+  lines = proc.stdout.strip().splitlines()
+  assert lines[0].startswith("Meta-trained 'default'"), lines
+  assert "summary.json" in lines[-1] and "checkpoints" in lines[-1], lines
 
 
 def test_auto_calls_jax_distributed_without_arguments(monkeypatch):

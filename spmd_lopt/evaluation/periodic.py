@@ -22,11 +22,12 @@ class PeriodicEvaluator:
   multiple of ``every`` was reached since the last evaluation (so with ``every`` not a
   multiple of ``log_every`` it runs at the next log step) and at the final step, and
   returns ``{"eval/<task>/final_loss": float, "eval/time_s": float}`` (``{}`` otherwise,
-  or when disabled, or off process 0). Evaluation uses a fixed key, so every evaluation
+  or when disabled). Evaluation uses a fixed key, so every evaluation
   sees the same held-out tasks, inits and batches and the curve shows theta's change,
   not sampling noise. ``finish(workdir)`` plots the evaluations to ``eval.png``.
-  Evaluations run synchronously on process 0's default device (the first one compiles),
-  so their time counts in the launcher's steps/s; ``eval/time_s`` says how much.
+  The launcher runs it on every process (each on its first local device, from the
+  replicated theta), so no process waits at the next collective for another's
+  evaluation; its time counts in the launcher's steps/s; ``eval/time_s`` says how much.
   """
 
   def __init__(self, lopt, theta_fn: Callable[[Any], Any], tasks: Mapping[str, TaskLike],
