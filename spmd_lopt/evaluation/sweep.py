@@ -23,6 +23,7 @@ from spmd_lopt.evaluation import training as eval_training
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
 from spmd_lopt.learned_optimizers import registry as lopt_registry
+from spmd_lopt.learned_optimizers import specs as lopt_specs
 from spmd_lopt.optimizers import base as opt_base
 from spmd_lopt.tasks import base as tasks_base
 from spmd_lopt.tasks import registry
@@ -39,12 +40,7 @@ def lopt_classes() -> dict[str, Any]:
 def make_lopt(name: str, kwargs: Optional[Mapping[str, Any]] = None
               ) -> lopt_base.LearnedOptimizer:
   """``NAME(**kwargs)`` for a registered name."""
-  cls = lopt_registry.get(name)
-  try:
-    return cls(**dict(kwargs or {}))
-  except TypeError as e:
-    raise ValueError(f"cannot build {name} from arguments {dict(kwargs or {})}: "
-                     f"{e}") from e
+  return lopt_specs.build(name, kwargs)
 
 
 def launcher_init_key(seed: int) -> jax.Array:

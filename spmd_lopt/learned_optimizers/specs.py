@@ -44,7 +44,9 @@ def pretrained_names() -> Tuple[str, ...]:
                       if f.endswith(".lopt")))
 
 
-def _build(name: str, lopt_args: Optional[Mapping[str, Any]]) -> lopt_base.LearnedOptimizer:
+def build(name: str, lopt_args: Optional[Mapping[str, Any]] = None
+          ) -> lopt_base.LearnedOptimizer:
+  """``registry.get(name)(**lopt_args)``; bad arguments are one ValueError."""
   factory = registry.get(name)
   try:
     return factory(**dict(lopt_args or {}))
@@ -87,7 +89,7 @@ def resolve(spec: str, *, key: Optional[jax.Array] = None,
   if not isinstance(spec, str) or not spec:
     raise ValueError(f"learned optimizer spec must be a non-empty string, got {spec!r}.")
   if spec.startswith("init:"):
-    lopt = _build(spec[len("init:"):], lopt_args)
+    lopt = build(spec[len("init:"):], lopt_args)
     return lopt, lopt.init(jax.random.key(0) if key is None else key)
   if spec.startswith("pretrained:"):
     name = spec[len("pretrained:"):]
@@ -102,7 +104,7 @@ def resolve(spec: str, *, key: Optional[jax.Array] = None,
   if sep and name in registry.names():
     if not os.path.isfile(path):
       raise ValueError(f"{spec!r}: no such file {path!r}.")
-    lopt = _build(name, lopt_args)
+    lopt = build(name, lopt_args)
     try:
       return lopt, load_theta_file(path, lopt)
     except ValueError as e:
