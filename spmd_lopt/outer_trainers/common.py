@@ -169,5 +169,8 @@ def select_per_task(pred: jax.Array, a, b):
   """``a_i if pred_i else b_i`` for every task ``i`` of two task-batched pytrees;
   ``pred`` has shape ``[n]``."""
   def sel(x, y):
-    return jnp.where(pred.reshape(pred.shape + (1,) * (x.ndim - 1)), x, y)
+    out = jnp.where(pred.reshape(pred.shape + (1,) * (x.ndim - 1)), x, y)
+    # jnp.where of an empty array (Celo2's factored moments of a vector: [n, 0, k]) returns
+    # a constant that lost y's varying mesh axes, which lax.cond inside shard_map rejects.
+    return vary_like(out, y)
   return jax.tree.map(sel, a, b)
