@@ -183,5 +183,9 @@ def select_per_task(pred: jax.Array, a, b):
   """``a_i if pred_i else b_i`` for every task ``i`` of two task-batched pytrees;
   ``pred`` has shape ``[n]``."""
   def sel(x, y):
+    if x.size == 0:
+      # Nothing to select, and jnp.where on empty arrays drops the shard_map varying type
+      # that ``b`` carries (e.g. the empty factored moments of 1-D parameters).
+      return y
     return jnp.where(pred.reshape(pred.shape + (1,) * (x.ndim - 1)), x, y)
   return jax.tree.map(sel, a, b)
