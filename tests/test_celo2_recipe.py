@@ -15,6 +15,7 @@ from spmd_lopt import checkpoints
 from spmd_lopt import config as config_lib
 from spmd_lopt import sharding
 from spmd_lopt.learned_optimizers import celo2
+from spmd_lopt.outer_trainers import common as trainers_common
 from spmd_lopt.tasks import registry
 
 import fake_data
@@ -206,6 +207,27 @@ def test_celo2_states_with_empty_factored_moments_checkpoint_and_restore(tmp_pat
 
 
 # --- the fused step -------------------------------------------------------------------
+
+def test_resetting_tasks_keeps_empty_factored_moments_per_task(devices):
+  """The fused step re-initialises finished tasks with ``select_per_task(reset, fresh,
+  trained)`` inside a ``lax.cond`` under ``shard_map``; Celo2's empty factored moments (1-D
+  parameters) must keep the per-task (varying) type there, or the step does not trace."""
+  mesh = sharding.make_mesh(num_devices=8)
+  spec = jax.sharding.PartitionSpec(sharding.DEFAULT_AXIS)
+
+  def local(reset, trained):
+    fresh = {"empty": jnp.zeros(trained["empty"].shape), "full": jnp.zeros_like(trained["full"])}
+    picked = lambda: trainers_common.select_per_task(reset, fresh, trained)
+    return jax.lax.cond(jnp.any(reset), picked, lambda: trained)
+
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec))
+  reset = np.arange(16) % 3 == 0
+  trained = {"empty": np.ones((16, 0, 3), np.float32), "full": np.ones((16, 4), np.float32)}
+  put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  out = fn(put(reset), jax.tree.map(put, trained))
+  assert out["empty"].shape == (16, 0, 3)
+  np.testing.assert_array_equal(out["full"][:, 0], np.where(reset, 0.0, 1.0))
+
 
 def _meta_gradients_on_1_and_8_devices(cfg):
   results = {}
