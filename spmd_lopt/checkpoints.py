@@ -30,6 +30,7 @@ written on 8 devices restores on 4 or 1 (and back).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -150,6 +151,23 @@ def abstract_target(learner):
                       learner.abstract_state(), learner.state_shardings())
 
 
+def _drop_empty(tree):
+  """``tree`` with zero-size leaves replaced by None: orbax refuses to write them (e.g. the
+  empty factored moments Celo2 keeps for 1-D parameters), and they hold no values."""
+  return jax.tree.map(lambda x: None if math.prod(x.shape) == 0 else x, tree)
+
+
+def _refill_empty(target, restored):
+  """``restored`` (read with ``_drop_empty(target)``) with the empty leaves put back, laid
+  out as ``target`` says."""
+  full = iter(jax.tree.leaves(restored))
+  def leaf(t):
+    if math.prod(t.shape) == 0:
+      return jax.device_put(np.zeros(t.shape, t.dtype), t.sharding)
+    return next(full)
+  return jax.tree.map(leaf, target)
+
+
 def _sync(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -225,7 +243,8 @@ class Checkpointer:
                 fingerprint=fingerprint(state), saved_at=time.time(),
                 process_count=jax.process_count())
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.StandardSave(_drop_empty(state)), meta=ocp.args.JsonSave(meta)),
+        force=True)
     self._last_save_time = time.time()
     self._last_saved_step = step
 
@@ -244,9 +263,10 @@ class Checkpointer:
     return meta
 
   def _read_state(self, step: int, learner, meta: dict):
+    target = abstract_target(learner)
     out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_target(learner))))
-    state = out["state"]
+        state=ocp.args.StandardRestore(_drop_empty(target))))
+    state = _refill_empty(target, out["state"])
     got = fingerprint(state)
     bad = sorted(k for k in set(got) | set(meta["fingerprint"])
                  if got.get(k) != meta["fingerprint"].get(k))

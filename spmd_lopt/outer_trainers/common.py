@@ -169,8 +169,9 @@ def select_per_task(pred: jax.Array, a, b):
   """``a_i if pred_i else b_i`` for every task ``i`` of two task-batched pytrees;
   ``pred`` has shape ``[n]``."""
   def sel(x, y):
-    out = jnp.where(pred.reshape(pred.shape + (1,) * (x.ndim - 1)), x, y)
-    # jnp.where of an empty array (Celo2's factored moments of a vector: [n, 0, k]) returns
-    # a constant that lost y's varying mesh axes, which lax.cond inside shard_map rejects.
-    return vary_like(out, y)
+    if x.size == 0:
+      # Nothing to select, and jnp.where on empty arrays drops the shard_map varying type
+      # that ``b`` carries (e.g. Celo2's empty factored moments of 1-D parameters).
+      return y
+    return jnp.where(pred.reshape(pred.shape + (1,) * (x.ndim - 1)), x, y)
   return jax.tree.map(sel, a, b)
