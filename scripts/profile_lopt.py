@@ -10,7 +10,7 @@ parameters), ``mlp_x16`` (that MLP vmapped over 16 tasks, as the truncated step 
 and ``big`` (~0.93M parameters: a 3x3x64x128 conv kernel, 512x1024, 1024x256, 128x512 and
 256x10 matrices and their biases).
 
-``--baseline FILE`` loads FILE as a second version of the Celo2 module (e.g. the one from
+``--baseline FILE`` loads FILE as a second version of ``--module`` (default ``celo2``; e.g.
 ``git show HEAD~1:spmd_lopt/learned_optimizers/celo2.py``) and times old and new steps
 alternately (A B A B ...), printing both medians and the median of the pairwise ratios.
 """
@@ -40,12 +40,17 @@ def make_tree(name: str, key: jax.Array):
   return {k: jax.random.normal(kk, s, jnp.float32) for kk, (k, s) in zip(keys, shapes.items())}
 
 
-def optimizers(celo2_module):
+MODULES = {"celo2": celo2, "mlp_lopt": mlp_lopt, "adafac_mlp_lopt": adafac_mlp_lopt}
+
+
+def optimizers(**modules):
+  """Each optimizer from ``modules[name]`` when given (an older version), else ours."""
+  mods = dict(MODULES, **modules)
   return {
-      "Celo2": celo2_module.Celo2(),
-      "Celo2Base": celo2_module.Celo2Base(),
-      "MLPLOpt": mlp_lopt.MLPLOpt(),
-      "AdafacMLPLOpt": adafac_mlp_lopt.AdafacMLPLOpt(),
+      "Celo2": lambda: mods["celo2"].Celo2(),
+      "Celo2Base": lambda: mods["celo2"].Celo2Base(),
+      "MLPLOpt": lambda: mods["mlp_lopt"].MLPLOpt(),
+      "AdafacMLPLOpt": lambda: mods["adafac_mlp_lopt"].AdafacMLPLOpt(),
   }
 
 
@@ -93,7 +98,9 @@ def main():
   ap.add_argument("--trees", default="mlp,mlp_x16,big")
   ap.add_argument("--opts", default="Celo2,Celo2Base,MLPLOpt,AdafacMLPLOpt")
   ap.add_argument("--reps", type=int, default=10)
-  ap.add_argument("--baseline", default=None, help="an older celo2.py to A/B against")
+  ap.add_argument("--baseline", default=None, help="an older module file to A/B against")
+  ap.add_argument("--module", default="celo2", choices=sorted(MODULES),
+                  help="which module --baseline is a version of")
   args = ap.parse_args()
   trees, names = args.trees.split(","), args.opts.split(",")
 
@@ -101,7 +108,7 @@ def main():
     print(f"{'optimizer':14s} {'tree':8s} {'MFLOP':>10s} {'MB acc':>9s} {'ms (median)':>12s}")
     for name in names:
       for tree in trees:
-        fn, state, grads = build(optimizers(celo2)[name], tree)
+        fn, state, grads = build(optimizers()[name](), tree)
         flops, nbytes = cost(fn, state, grads)
         ms = 1e3 * statistics.median(timeit(fn, (state, grads), args.reps))
         print(f"{name:14s} {tree:8s} {flops / 1e6:10.2f} {nbytes / 1e6:9.2f} {ms:12.3f}",
@@ -116,8 +123,8 @@ def main():
         f"{'ms old':>8s} {'ms new':>8s} {'ratio':>6s}")
   for name in names:
     for tree in trees:
-      fa, sa, ga = build(optimizers(old)[name], tree)
-      fb, sb, gb = build(optimizers(celo2)[name], tree)
+      fa, sa, ga = build(optimizers(**{args.module: old})[name](), tree)
+      fb, sb, gb = build(optimizers()[name](), tree)
       (fla, bya), (flb, byb) = cost(fa, sa, ga), cost(fb, sb, gb)
       ta, tb = [], []
       for _ in range(args.reps):
