@@ -15,6 +15,7 @@ from spmd_lopt.learned_optimizers import celo2 as celo2_lib
 
 WIDTHS = [1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3]
 BETAS = [0.9, 0.99, 0.999]
+F32 = jnp.float32
 
 
 # ----------------------------------------------------------------------------- numpy model
@@ -315,3 +316,53 @@ def test_wrong_files_give_one_line_errors(tmp_path):
     resolve(f"celo2={other}")
   with pytest.raises(ValueError, match="no such file"):
     resolve(f"celo2={tmp_path / 'absent.state'}")
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+def _direction_materialised(net, groups, shape):
+  """The first implementation of items 4-5, kept as the reference for the folded one:
+  every group broadcast to ``S + (w,)``, normalised column by column, concatenated, one
+  product with the stacked first-layer weights."""
+  ndim = len(shape)
+  full = [jnp.broadcast_to(x, shape + x.shape[-1:]) for x in groups]
+  feats = jnp.concatenate([celo2_lib.rms_normalize(x, ndim) for x in full], axis=-1)
+  w0 = jnp.concatenate([net[f"w0__{i}"] for i in range(len(groups))], axis=0)
+  h = jnp.matmul(feats, w0, precision=jax.lax.Precision.HIGHEST) + net["b0"]
+  for layer in (1, 2):
+    h = jnp.matmul(jax.nn.relu(h), net[f"w{layer}"],
+                   precision=jax.lax.Precision.HIGHEST) + net[f"b{layer}"]
+  return h[..., 0]
+
+
+# Ranks 1-4; (40, 3, 7): the factored axes (0, 2) are not the normalised ones (1, 2);
+# (5, 5): a tie; (2, 3, 4, 6): a conv kernel with 6 normalisation slices.
+FAST_PATH_SHAPES = [(7,), (12, 5), (5, 5), (40, 3, 7), (2, 3, 4, 6)]
+
+
+def test_folded_first_layer_equals_materialised_features():
+  """Folding the column norms into the weights and keeping row/column features
+  un-broadcast computes the same direction as materialising every feature column."""
+  net = _theta()["ff_mod_stack"]["~"]
+  rng = np.random.default_rng(0)
+  inputs = []  # numpy draws: jax.random inside the jit would dominate its compile time
+  for shape in FAST_PATH_SHAPES:
+    acc = jax.eval_shape(celo2_lib.accumulators_init, jax.ShapeDtypeStruct(shape, F32))
+    normal = lambda s: rng.standard_normal(s).astype(np.float32)
+    m = normal(acc.momentum.m.shape)
+    inputs.append([normal(shape), normal(shape), m] + [
+        np.exp(normal(x.shape)) for x in (acc.rms.v, m, acc.factored.v_row,
+                                          acc.factored.v_col)])
+
+  def both(inputs):
+    out = []
+    for shape, leaf in zip(FAST_PATH_SHAPES, inputs):
+      groups = celo2_lib._features(*leaf)
+      out.append((celo2_lib._mlp_direction(net, groups),
+                  _direction_materialised(net, groups, shape)))
+    return out
+
+  for shape, (got, want) in zip(FAST_PATH_SHAPES, jax.jit(both)(inputs)):
+    assert got.shape == shape
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=str(shape))

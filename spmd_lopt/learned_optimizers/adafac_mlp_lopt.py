@@ -192,11 +192,15 @@ class AdafacMLPLOpt(lopt_base.LearnedOptimizer):
 
   def _mlp_concat(self, nn_params, feats, step_features):
     """Matmul path: ``[n, F]`` features -> ``(direction [n], magnitude [n])``."""
-    n = feats.shape[0]
-    x = second_moment_normalizer(feats, [0])
-    x = jnp.concatenate(
-        [x, jnp.broadcast_to(step_features, (n, step_features.shape[0]))], axis=-1)
-    for layer in range(len(self.layer_sizes)):
+    # The step features are the same for every entry: their share of the first layer,
+    # s @ W0[F:] + b0, is computed once instead of as an [n, 11] block of the product.
+    n_feats = feats.shape[1]
+    w0 = nn_params["w0"]
+    x = (second_moment_normalizer(feats, [0]) @ w0[:n_feats]
+         + (step_features @ w0[n_feats:] + nn_params["b0"]))
+    if len(self.layer_sizes) > 1:
+      x = jax.nn.relu(x)
+    for layer in range(1, len(self.layer_sizes)):
       x = x @ nn_params[f"w{layer}"] + nn_params[f"b{layer}"]
       if layer != len(self.layer_sizes) - 1:
         x = jax.nn.relu(x)

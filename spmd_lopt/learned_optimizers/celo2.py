@@ -116,7 +116,13 @@ def accumulators_init(params: Any) -> Celo2Accumulators:
 
 
 def _features(p, g, m, v, fac_g, v_row, v_col) -> List[jax.Array]:
-  """Item 3's groups for one leaf, each of shape ``S + (width,)`` (float32)."""
+  """Item 3's groups for one leaf of shape ``S``, float32, each broadcastable to
+  ``S + (width,)``.
+
+  The row/column groups (``row``, ``col`` and their rsqrt) are left un-broadcast: they
+  keep a size-1 axis where the full feature is constant (``d_row`` for row statistics,
+  ``d_col`` for column ones), so they cost ``O(S / S[d])`` rather than ``O(S)``.
+  """
   shape = g.shape
   s = jax.lax.rsqrt(v + 1e-8)
   groups = [g[..., None], jnp.clip(g, -0.1, 0.1)[..., None], p[..., None], m, v, m * s, s,
@@ -124,20 +130,50 @@ def _features(p, g, m, v, fac_g, v_row, v_col) -> List[jax.Array]:
   dims = common.factored_dims(shape)
   if dims is not None:
     d_col, d_row = dims
-    row = jnp.broadcast_to(jnp.expand_dims(v_row, d_row), shape + v_row.shape[-1:])
-    col = jnp.broadcast_to(jnp.expand_dims(v_col, d_col), shape + v_col.shape[-1:])
+    row = jnp.expand_dims(v_row, d_row)
+    col = jnp.expand_dims(v_col, d_col)
     row_factor, col_factor = common.factored_scales(v_row, v_col, shape)
     groups += [row, col, jax.lax.rsqrt(row + 1e-8), jax.lax.rsqrt(col + 1e-8),
                m * row_factor * col_factor]
   return groups
 
 
+def _inv_rms(x: jax.Array, ndim: int, eps: float = 1e-9) -> jax.Array:
+  """``rsqrt(eps + mean(x^2))`` over the last ``min(ndim, 2)`` parameter axes of
+  ``x`` (shape ``S' + (w,)``, ``S'`` equal to ``S`` or 1 along some axes), keepdims.
+
+  Where ``x`` has a size-1 axis that the full feature is broadcast along, the mean over
+  that axis is the value itself, so this equals the statistic of the broadcast feature.
+  """
+  axes = tuple(a - ndim - 1 for a in range(max(ndim - 2, 0), ndim))
+  return jax.lax.rsqrt(eps + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
+
+
 def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
-  """Items 4-5: normalise each feature column, run the grouped MLP, take output 0."""
+  """Items 4-5: normalise each feature column, run the grouped MLP, take output 0.
+
+  With ``S`` the leaf's shape, ``L = S[:-2]`` its leading axes and ``n_c`` the inverse RMS
+  of column ``c`` (shape ``L``: constant over the last two axes), the first layer is
+  ``sum_c (x_c n_c) W0[c] = sum_c x_c (n_c W0[c])``: the norms are folded into one
+  ``(prod(L), F, hidden)`` weight per leaf and the raw full-size columns (``F`` = 15 or 18)
+  go through one batched product, so no normalised copy of them is written. The
+  row/column groups are ``O(S / S[d])`` arrays: they are normalised and multiplied
+  un-broadcast, and their ``hidden``-wide partial sums are broadcast-added.
+  """
   ndim = groups[0].ndim - 1
-  feats = jnp.concatenate([rms_normalize(x, ndim) for x in groups], axis=-1)
-  w0 = jnp.concatenate([net[f"w0__{i}"] for i in range(len(groups))], axis=0)
-  h = jnp.matmul(feats, w0, precision=HIGHEST) + net["b0"]
+  shape = groups[0].shape[:-1]
+  n_lead = int(np.prod(shape[:max(ndim - 2, 0)], dtype=np.int64))
+  full = [i for i, x in enumerate(groups) if x.shape[:-1] == shape]
+  feats = jnp.concatenate([groups[i] for i in full], axis=-1)
+  feats = jnp.reshape(feats, (n_lead, -1, feats.shape[-1]))
+  w0 = jnp.concatenate(
+      [jnp.reshape(_inv_rms(groups[i], ndim), (n_lead, -1, 1)) * net[f"w0__{i}"]
+       for i in full], axis=1)
+  h = jnp.reshape(jnp.matmul(feats, w0, precision=HIGHEST), shape + w0.shape[-1:])
+  h = h + net["b0"]
+  for i, x in enumerate(groups):
+    if i not in full:
+      h = h + jnp.matmul(x * _inv_rms(x, ndim), net[f"w0__{i}"], precision=HIGHEST)
   layer = 1
   while f"w{layer}" in net:
     h = jnp.matmul(jax.nn.relu(h), net[f"w{layer}"], precision=HIGHEST) + net[f"b{layer}"]
