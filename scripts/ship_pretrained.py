@@ -1,0 +1,67 @@
+"""Ship a meta-trained learned optimizer as package data: ``pretrained:<name>``.
+
+Reads a launcher workdir (``theta.lopt``, ``config.json``, ``summary.json``) and,
+optionally, an evaluation-suite result (``suite.json`` of ``python -m spmd_lopt.evaluate
+--suite ...``), and writes ``spmd_lopt/pretrained/<name>.lopt``: the same
+``ParameterCheckpoint`` with its ``extra`` metadata holding the training config, the
+outer-step count, the training time, the config file that reproduces it and the suite's
+aggregates. ``resolve("pretrained:<name>")``, ``as_optax("pretrained:<name>")``,
+``evaluate --lopt pretrained:<name>`` and ``--config.lopt.init_from=pretrained:<name>``
+then find it.
+
+  python scripts/ship_pretrained.py --workdir runs/celo2_digits_short \\
+      --name celo2_digits_short --reproduce configs/celo2_digits_short.py \\
+      [--suite eval_quick/suite.json]
+"""
+
+import argparse
+import json
+import os
+import platform
+
+from spmd_lopt.learned_optimizers import checkpoint as ckpt_lib
+from spmd_lopt.learned_optimizers import specs
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def suite_aggregates(suite: dict, label: str) -> dict:
+  """The aggregate rows of ``label`` in a suite result (IQMs and intervals)."""
+  agg = suite.get("aggregates", {})
+  return {"suite": suite.get("suite"), "label": label,
+          "aggregates": agg.get(label, agg)}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--name", required=True)
+  ap.add_argument("--reproduce", required=True, help="the config file that reproduces it")
+  ap.add_argument("--suite", default="", help="suite.json of an evaluation")
+  ap.add_argument("--suite_label", default="", help="the shipped optimizer's label there")
+  ap.add_argument("--out", default=specs.PRETRAINED_DIR)
+  args = ap.parse_args()
+  ckpt = ckpt_lib.load_parameter_checkpoint(os.path.join(args.workdir, "theta.lopt"))
+  summary = _read_json(os.path.join(args.workdir, "summary.json"))
+  extra = {
+      "name": args.name,
+      "reproduce": f"python -m spmd_lopt.launch --config {args.reproduce}",
+      "config": _read_json(os.path.join(args.workdir, "config.json")),
+      "outer_steps": summary.get("outer_steps", summary.get("steps")),
+      "train_time_s": summary.get("wall_time_s", summary.get("total_time_s")),
+      "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {summary.get('devices')}",
+      "meta_loss": {k: summary[k] for k in ("loss_start", "loss_end") if k in summary},
+  }
+  if args.suite:
+    extra["suite"] = suite_aggregates(_read_json(args.suite), args.suite_label or args.name)
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, args.name + ".lopt")
+  digest = ckpt_lib.save_parameter_checkpoint(path, ckpt.lopt, ckpt.theta, extra=extra)
+  print(f"wrote {path} (sha256 {digest[:12]}...)")
+
+
+if __name__ == "__main__":
+  main()
