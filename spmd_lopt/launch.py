@@ -34,6 +34,7 @@ import jax
 
 from spmd_lopt import checkpoints
 from spmd_lopt import config as config_lib
+from spmd_lopt import multihost
 from spmd_lopt import sharding
 from spmd_lopt import evaluate as evaluate_lib  # periodic evaluation (config.eval_every)
 from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
@@ -80,7 +81,7 @@ def _define_flags():
 
 def _finished(workdir: str, step: int, cfg) -> dict[str, Any]:
   """A workdir already at ``outer_steps``: say so, touch nothing, return its summary."""
-  if sharding.is_logging_process():
+  if multihost.is_logging_process():
     print(f"spmd_lopt: {workdir} is already at outer step {step} >= outer_steps="
           f"{cfg.outer_steps}: nothing to train (its files are left as they are). Raise "
           "--config.outer_steps to continue, or use another --workdir for a fresh run.",
@@ -98,7 +99,7 @@ def _finish(cfg, learner, workdir, state, step, log, timer, start, evaluator):
   summary = outputs.summary(cfg, learner, log.records, timer,
                             start.step if start.resumed else None)
   summary["workdir"] = os.path.abspath(workdir)
-  if not sharding.is_logging_process():
+  if not multihost.is_logging_process():
     return summary
   theta_path = os.path.join(workdir, "theta.lopt")
   lopt_checkpoint.save_parameter_checkpoint(
@@ -131,11 +132,11 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
   from the final checkpoint.
   """
   # Before anything that could enter a collective: all processes must run one program.
-  sharding.check_same_across_processes(dict(cfg.to_dict(), __mesh__=mesh_spec))
+  multihost.check_same_across_processes(dict(cfg.to_dict(), __mesh__=mesh_spec))
   if mesh is not None:
     sharding.check_tasks_axis_only(mesh, mesh_spec)
   learner = config_lib.make_learner(cfg, mesh=mesh)
-  is_main = sharding.is_logging_process()
+  is_main = multihost.is_logging_process()
   if is_main:
     os.makedirs(workdir, exist_ok=True)
   ckpt = resume.RunCheckpoints(cfg, learner, workdir)
@@ -195,7 +196,7 @@ def _main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _quiet_by_default()
   # Before anything touches a device: join the other processes (if any).
-  sharding.initialize(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value,
+  multihost.initialize(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value,
                       _FLAGS['process_id'].value, timeout_s=_FLAGS['init_timeout'].value)
   cfg = config_lib.load(_FLAGS['config'].value, _OVERRIDES)
   if _FLAGS['print_config'].value:
@@ -205,7 +206,7 @@ def _main(argv):
   mesh = sharding.mesh_from_spec(_FLAGS['mesh'].value) if _FLAGS['mesh'].value else None
   summary = train(cfg, workdir, mesh=mesh, restore_from=_FLAGS['restore_from'].value,
                   mesh_spec=_FLAGS['mesh'].value or "")
-  if sharding.is_logging_process() and not summary.get("nothing_to_train"):
+  if multihost.is_logging_process() and not summary.get("nothing_to_train"):
     print(outputs.summary_text(summary), flush=True)
 
 
