@@ -4,8 +4,8 @@
 the newest valid checkpoint with exactly the keys an uninterrupted run would use), run
 ``outer_steps`` fused meta steps, then write the learned optimizer's weights, plots and
 ``summary.json``. The helpers around the loop live in ``spmd_lopt.train``: ``resume``
-(checkpoints, step keys), ``stopping`` (SIGTERM/SIGINT and the per-step multi-process
-agreement), ``outputs`` (metrics records, progress, strict JSON, the summary).
+(checkpoints), ``keys`` (the key schedule), ``stopping`` (SIGTERM/SIGINT and the per-step
+multi-process agreement), ``outputs`` (metrics records, progress, strict JSON, summary).
 
 Flags: ``--config`` (a config file; ``--config.KEY=VALUE`` overrides any key, e.g.
 ``--config.estimators.0.num_tasks=16``; ``--print_config`` prints the resolved config),
@@ -38,6 +38,7 @@ from spmd_lopt import multihost
 from spmd_lopt import sharding
 from spmd_lopt import evaluate as evaluate_lib  # periodic evaluation (config.eval_every)
 from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
+from spmd_lopt.train import keys
 from spmd_lopt.train import outputs
 from spmd_lopt.train import resume
 from spmd_lopt.train import stopping
@@ -48,35 +49,41 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
 _FLAGS = {}
 
 
+# (key in _FLAGS, absl definer, flag name, default, help)
+_FLAG_SPECS = (
+    ("config", flags.DEFINE_string, "config", _DEFAULT_CONFIG,
+     "Config file (Python, get_config()); override any key with --config.KEY=VALUE, also "
+     "in sections and list entries (--config.estimators.0.num_tasks=16). See "
+     "--print_config for every key."),
+    ("print_config", flags.DEFINE_boolean, "print_config", False,
+     "Print the full resolved config (every section, every default written out) and exit "
+     "without training."),
+    ("workdir", flags.DEFINE_string, "workdir", None,
+     "Where metrics, weights, plots and checkpoints go (default: runs/<config.name>). A "
+     "workdir that holds a checkpoint is resumed."),
+    ("restore_from", flags.DEFINE_string, "restore_from", None,
+     "Start from the latest valid checkpoint of another run (its workdir or checkpoint "
+     "directory) when --workdir holds none."),
+    ("mesh", flags.DEFINE_string, "mesh", None,
+     "Mesh axes over all global devices, e.g. 'tasks=4,model=2' (default: one 'tasks' "
+     "axis)."),
+    ("coordinator", flags.DEFINE_string, "coordinator_address", None,
+     "HOST:PORT of process 0 for multi-process runs; 'auto' lets "
+     "jax.distributed.initialize() configure itself (Cloud TPU VMs); omit on SLURM "
+     "(detected)."),
+    ("num_processes", flags.DEFINE_integer, "num_processes", None, "Processes in the run."),
+    ("process_id", flags.DEFINE_integer, "process_id", None, "This process's index."),
+    ("init_timeout", flags.DEFINE_float, "init_timeout_s", 300.0,
+     "Seconds to wait for the coordinator and the other processes."),
+)
+
+
 def _define_flags():
   """Defined at start-up, not import, so importing this module defines no flags.
   ``--config.KEY=VALUE`` overrides are not absl flags: ``_parse_flags`` takes them out
   and ``config.load`` applies them."""
-  _FLAGS['config'] = flags.DEFINE_string(
-      "config", _DEFAULT_CONFIG, "Config file (Python, get_config()); override any key "
-      "with --config.KEY=VALUE, also in sections and list entries "
-      "(--config.estimators.0.num_tasks=16). See --print_config for every key.")
-  _FLAGS['print_config'] = flags.DEFINE_boolean(
-      "print_config", False, "Print the full resolved config (every section, every "
-      "default written out) and exit without training.")
-  _FLAGS['workdir'] = flags.DEFINE_string(
-      "workdir", None, "Where metrics, weights, plots and checkpoints go (default: "
-      "runs/<config.name>). A workdir that holds a checkpoint is resumed.")
-  _FLAGS['restore_from'] = flags.DEFINE_string(
-      "restore_from", None, "Start from the latest valid checkpoint of another run (its "
-      "workdir or checkpoint directory) when --workdir holds none.")
-  _FLAGS['mesh'] = flags.DEFINE_string(
-      "mesh", None, "Mesh axes over all global devices, e.g. 'tasks=4,model=2' (default: "
-      "one 'tasks' axis).")
-  _FLAGS['coordinator'] = flags.DEFINE_string(
-      "coordinator_address", None, "HOST:PORT of process 0 for multi-process runs; 'auto' "
-      "lets jax.distributed.initialize() configure itself (Cloud TPU VMs); omit on SLURM "
-      "(detected).")
-  _FLAGS['num_processes'] = flags.DEFINE_integer("num_processes", None,
-                                                 "Processes in the run.")
-  _FLAGS['process_id'] = flags.DEFINE_integer("process_id", None, "This process's index.")
-  _FLAGS['init_timeout'] = flags.DEFINE_float(
-      "init_timeout_s", 300.0, "Seconds to wait for the coordinator and the other processes.")
+  for key, define, name, default, help_text in _FLAG_SPECS:
+    _FLAGS[key] = define(name, default, help_text)
 
 
 def _finished(workdir: str, step: int, cfg) -> dict[str, Any]:
@@ -141,7 +148,7 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
     os.makedirs(workdir, exist_ok=True)
   ckpt = resume.RunCheckpoints(cfg, learner, workdir)
   timer = outputs.Timer()
-  start = ckpt.start(resume.init_key(cfg), restore_from)
+  start = ckpt.start(keys.init_key(cfg.seed), restore_from)
   # summary.json is written last: without it, a run killed after its final checkpoint
   # still gets its outputs (from that checkpoint, no step run).
   if start.step >= cfg.outer_steps and os.path.exists(os.path.join(workdir, "summary.json")):
@@ -149,7 +156,7 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
     return _finished(workdir, start.step, cfg)
   if is_main:
     outputs.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
-  keys = resume.step_keys(cfg, learner.mesh, start.step)
+  call_keys = keys.step_keys(cfg, learner.mesh, start.step)
   log = outputs.Log(cfg, workdir, start.step, start.resumed, start.pending, is_main,
                     show_progress)
   # Evaluation runs on every process (same program, replicated theta): none waits.
@@ -159,7 +166,7 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
     try:
       first, num_calls = start.step // spc, cfg.outer_steps // spc
       for c in range(first, num_calls):
-        key = keys[c - first]
+        key = call_keys[c - first]
         if spc == 1:
           state, loss, metrics = learner.update(state, key, with_metrics=True)
         else:
