@@ -49,40 +49,36 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
 _FLAGS = {}
 
 
-# (key in _FLAGS, absl definer, flag name, default, help)
-_FLAG_SPECS = (
-    ("config", flags.DEFINE_string, "config", _DEFAULT_CONFIG,
-     "Config file (Python, get_config()); override any key with --config.KEY=VALUE, also "
-     "in sections and list entries (--config.estimators.0.num_tasks=16). See "
-     "--print_config for every key."),
-    ("print_config", flags.DEFINE_boolean, "print_config", False,
-     "Print the full resolved config (every section, every default written out) and exit "
-     "without training."),
-    ("workdir", flags.DEFINE_string, "workdir", None,
-     "Where metrics, weights, plots and checkpoints go (default: runs/<config.name>). A "
-     "workdir that holds a checkpoint is resumed."),
-    ("restore_from", flags.DEFINE_string, "restore_from", None,
-     "Start from the latest valid checkpoint of another run (its workdir or checkpoint "
-     "directory) when --workdir holds none."),
-    ("mesh", flags.DEFINE_string, "mesh", None,
-     "Mesh axes over all global devices, e.g. 'tasks=4,model=2' (default: one 'tasks' "
-     "axis)."),
-    ("coordinator", flags.DEFINE_string, "coordinator_address", None,
-     "HOST:PORT of process 0 for multi-process runs; 'auto' lets "
-     "jax.distributed.initialize() configure itself (Cloud TPU VMs); omit on SLURM "
-     "(detected)."),
-    ("num_processes", flags.DEFINE_integer, "num_processes", None, "Processes in the run."),
-    ("process_id", flags.DEFINE_integer, "process_id", None, "This process's index."),
-    ("init_timeout", flags.DEFINE_float, "init_timeout_s", 300.0,
-     "Seconds to wait for the coordinator and the other processes."),
-)
+_S, _B, _I, _F = (flags.DEFINE_string, flags.DEFINE_boolean, flags.DEFINE_integer,
+                  flags.DEFINE_float)
+# key in _FLAGS: (absl definer, flag name, default, help); the module docstring says more.
+_FLAG_SPECS = {
+    "config": (_S, "config", _DEFAULT_CONFIG,
+               "Config file (Python, get_config()); --config.KEY=VALUE overrides any key, "
+               "also in sections and list entries (--config.estimators.0.num_tasks=16)."),
+    "print_config": (_B, "print_config", False, "Print the resolved config (every key) and "
+                     "exit without training."),
+    "workdir": (_S, "workdir", None, "Where outputs and checkpoints go (default: "
+                "runs/<config.name>); one that holds a checkpoint is resumed."),
+    "restore_from": (_S, "restore_from", None, "Start from the latest valid checkpoint of "
+                     "this run or checkpoint directory when --workdir holds none."),
+    "mesh": (_S, "mesh", None, "Mesh axes over all global devices, e.g. 'tasks=4,model=2' "
+             "(default: one 'tasks' axis)."),
+    "coordinator": (_S, "coordinator_address", None, "HOST:PORT of process 0 for "
+                    "multi-process runs; 'auto': jax.distributed.initialize() configures "
+                    "itself (Cloud TPU VMs); omit on SLURM (detected)."),
+    "num_processes": (_I, "num_processes", None, "Processes in the run."),
+    "process_id": (_I, "process_id", None, "This process's index."),
+    "init_timeout": (_F, "init_timeout_s", 300.0,
+                     "Seconds to wait for the coordinator and the other processes."),
+}
 
 
 def _define_flags():
   """Defined at start-up, not import, so importing this module defines no flags.
   ``--config.KEY=VALUE`` overrides are not absl flags: ``_parse_flags`` takes them out
   and ``config.load`` applies them."""
-  for key, define, name, default, help_text in _FLAG_SPECS:
+  for key, (define, name, default, help_text) in _FLAG_SPECS.items():
     _FLAGS[key] = define(name, default, help_text)
 
 
