@@ -36,7 +36,7 @@ from spmd_lopt import checkpoints
 from spmd_lopt import config as config_lib
 from spmd_lopt import multihost
 from spmd_lopt import sharding
-from spmd_lopt import evaluate as evaluate_lib  # periodic evaluation (config.eval_every)
+from spmd_lopt.evaluation import periodic  # periodic evaluation (config.eval_every)
 from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
 from spmd_lopt.train import keys
 from spmd_lopt.train import outputs
@@ -156,7 +156,7 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
   log = outputs.Log(cfg, workdir, start.step, start.resumed, start.pending, is_main,
                     show_progress)
   # Evaluation runs on every process (same program, replicated theta): none waits.
-  evaluator = evaluate_lib.PeriodicEvaluator.from_config(cfg, learner)
+  evaluator = periodic.PeriodicEvaluator.from_config(cfg, learner)
   spc, state, step = cfg.steps_per_call, start.state, start.step
   with stopping.StopRequest() as stop:
     try:
