@@ -136,7 +136,8 @@ def _mlp3():
 
 
 def _quadratic():
-  return _NoiseFreeEvalFamily(quadratics.NoisyQuadraticFamily(dim=10, max_condition=1000.0))
+  return _NoiseFreeEvalFamily(
+      quadratics.RotatedNoisyQuadraticFamily(dim=10, max_condition=1000.0))
 
 
 # name -> (family builder, kind)
