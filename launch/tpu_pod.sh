@@ -15,7 +15,7 @@
 # Notes:
 # - --coordinator_address=auto: on TPU VMs jax.distributed.initialize() with no
 #   arguments finds the coordinator, process count and index itself (from the TPU
-#   metadata); spmd_lopt.sharding.initialize makes exactly that call. Alternatively pass
+#   metadata); spmd_lopt.multihost.initialize makes exactly that call. Alternatively pass
 #   --coordinator_address=<worker 0 internal IP>:8476 --num_processes --process_id.
 # - WORKDIR must be shared by all hosts (a gs:// bucket): every host writes its shards
 #   of each checkpoint there; only process 0 writes logs/metrics/plots.

@@ -7,8 +7,8 @@ launcher's ``PeriodicEvaluator`` live in ``spmd_lopt.evaluation`` and are re-exp
 from spmd_lopt.evaluation.cli import evaluate_main, plot, run, suite_main  # noqa: F401
 from spmd_lopt.evaluation.periodic import PeriodicEvaluator  # noqa: F401
 from spmd_lopt.evaluation.sweep import (  # noqa: F401
-    TaskLike, _task_key, _theta_eval_fn, as_family, compare, evaluate_theta,
-    launcher_init_key, lopt_classes, make_lopt, sweep_fn)
+    TaskLike, _theta_eval_fn, as_family, compare, evaluate_theta,
+    lopt_classes, make_lopt, sweep_fn)
 
 if __name__ == "__main__":
   run()

@@ -4,8 +4,8 @@
 the newest valid checkpoint with exactly the keys an uninterrupted run would use), run
 ``outer_steps`` fused meta steps, then write the learned optimizer's weights, plots and
 ``summary.json``. The helpers around the loop live in ``spmd_lopt.train``: ``resume``
-(checkpoints, step keys), ``stopping`` (SIGTERM/SIGINT and the per-step multi-process
-agreement), ``outputs`` (metrics records, progress, strict JSON, the summary).
+(checkpoints), ``keys`` (the key schedule), ``stopping`` (SIGTERM/SIGINT and the per-step
+multi-process agreement), ``outputs`` (metrics records, progress, strict JSON, summary).
 
 Flags: ``--config`` (a config file; ``--config.KEY=VALUE`` overrides any key, e.g.
 ``--config.estimators.0.num_tasks=16``; ``--print_config`` prints the resolved config),
@@ -34,9 +34,11 @@ import jax
 
 from spmd_lopt import checkpoints
 from spmd_lopt import config as config_lib
+from spmd_lopt import multihost
 from spmd_lopt import sharding
-from spmd_lopt import evaluate as evaluate_lib  # periodic evaluation (config.eval_every)
+from spmd_lopt.evaluation import periodic  # periodic evaluation (config.eval_every)
 from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
+from spmd_lopt.train import keys
 from spmd_lopt.train import outputs
 from spmd_lopt.train import resume
 from spmd_lopt.train import stopping
@@ -47,40 +49,42 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
 _FLAGS = {}
 
 
+_S, _B, _I, _F = (flags.DEFINE_string, flags.DEFINE_boolean, flags.DEFINE_integer,
+                  flags.DEFINE_float)
+# key in _FLAGS: (absl definer, flag name, default, help); the module docstring says more.
+_FLAG_SPECS = {
+    "config": (_S, "config", _DEFAULT_CONFIG,
+               "Config file (Python, get_config()); --config.KEY=VALUE overrides any key, "
+               "also in sections and list entries (--config.estimators.0.num_tasks=16)."),
+    "print_config": (_B, "print_config", False, "Print the resolved config (every key) and "
+                     "exit without training."),
+    "workdir": (_S, "workdir", None, "Where outputs and checkpoints go (default: "
+                "runs/<config.name>); one that holds a checkpoint is resumed."),
+    "restore_from": (_S, "restore_from", None, "Start from the latest valid checkpoint of "
+                     "this run or checkpoint directory when --workdir holds none."),
+    "mesh": (_S, "mesh", None, "Mesh axes over all global devices, e.g. 'tasks=4,model=2' "
+             "(default: one 'tasks' axis)."),
+    "coordinator": (_S, "coordinator_address", None, "HOST:PORT of process 0 for "
+                    "multi-process runs; 'auto': jax.distributed.initialize() configures "
+                    "itself (Cloud TPU VMs); omit on SLURM (detected)."),
+    "num_processes": (_I, "num_processes", None, "Processes in the run."),
+    "process_id": (_I, "process_id", None, "This process's index."),
+    "init_timeout": (_F, "init_timeout_s", 300.0,
+                     "Seconds to wait for the coordinator and the other processes."),
+}
+
+
 def _define_flags():
   """Defined at start-up, not import, so importing this module defines no flags.
   ``--config.KEY=VALUE`` overrides are not absl flags: ``_parse_flags`` takes them out
   and ``config.load`` applies them."""
-  _FLAGS['config'] = flags.DEFINE_string(
-      "config", _DEFAULT_CONFIG, "Config file (Python, get_config()); override any key "
-      "with --config.KEY=VALUE, also in sections and list entries "
-      "(--config.estimators.0.num_tasks=16). See --print_config for every key.")
-  _FLAGS['print_config'] = flags.DEFINE_boolean(
-      "print_config", False, "Print the full resolved config (every section, every "
-      "default written out) and exit without training.")
-  _FLAGS['workdir'] = flags.DEFINE_string(
-      "workdir", None, "Where metrics, weights, plots and checkpoints go (default: "
-      "runs/<config.name>). A workdir that holds a checkpoint is resumed.")
-  _FLAGS['restore_from'] = flags.DEFINE_string(
-      "restore_from", None, "Start from the latest valid checkpoint of another run (its "
-      "workdir or checkpoint directory) when --workdir holds none.")
-  _FLAGS['mesh'] = flags.DEFINE_string(
-      "mesh", None, "Mesh axes over all global devices, e.g. 'tasks=4,model=2' (default: "
-      "one 'tasks' axis).")
-  _FLAGS['coordinator'] = flags.DEFINE_string(
-      "coordinator_address", None, "HOST:PORT of process 0 for multi-process runs; 'auto' "
-      "lets jax.distributed.initialize() configure itself (Cloud TPU VMs); omit on SLURM "
-      "(detected).")
-  _FLAGS['num_processes'] = flags.DEFINE_integer("num_processes", None,
-                                                 "Processes in the run.")
-  _FLAGS['process_id'] = flags.DEFINE_integer("process_id", None, "This process's index.")
-  _FLAGS['init_timeout'] = flags.DEFINE_float(
-      "init_timeout_s", 300.0, "Seconds to wait for the coordinator and the other processes.")
+  for key, (define, name, default, help_text) in _FLAG_SPECS.items():
+    _FLAGS[key] = define(name, default, help_text)
 
 
 def _finished(workdir: str, step: int, cfg) -> dict[str, Any]:
   """A workdir already at ``outer_steps``: say so, touch nothing, return its summary."""
-  if sharding.is_logging_process():
+  if multihost.is_logging_process():
     print(f"spmd_lopt: {workdir} is already at outer step {step} >= outer_steps="
           f"{cfg.outer_steps}: nothing to train (its files are left as they are). Raise "
           "--config.outer_steps to continue, or use another --workdir for a fresh run.",
@@ -98,7 +102,7 @@ def _finish(cfg, learner, workdir, state, step, log, timer, start, evaluator):
   summary = outputs.summary(cfg, learner, log.records, timer,
                             start.step if start.resumed else None)
   summary["workdir"] = os.path.abspath(workdir)
-  if not sharding.is_logging_process():
+  if not multihost.is_logging_process():
     return summary
   theta_path = os.path.join(workdir, "theta.lopt")
   lopt_checkpoint.save_parameter_checkpoint(
@@ -131,16 +135,16 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
   from the final checkpoint.
   """
   # Before anything that could enter a collective: all processes must run one program.
-  sharding.check_same_across_processes(dict(cfg.to_dict(), __mesh__=mesh_spec))
+  multihost.check_same_across_processes(dict(cfg.to_dict(), __mesh__=mesh_spec))
   if mesh is not None:
     sharding.check_tasks_axis_only(mesh, mesh_spec)
   learner = config_lib.make_learner(cfg, mesh=mesh)
-  is_main = sharding.is_logging_process()
+  is_main = multihost.is_logging_process()
   if is_main:
     os.makedirs(workdir, exist_ok=True)
   ckpt = resume.RunCheckpoints(cfg, learner, workdir)
   timer = outputs.Timer()
-  start = ckpt.start(resume.init_key(cfg), restore_from)
+  start = ckpt.start(keys.init_key(cfg.seed), restore_from)
   # summary.json is written last: without it, a run killed after its final checkpoint
   # still gets its outputs (from that checkpoint, no step run).
   if start.step >= cfg.outer_steps and os.path.exists(os.path.join(workdir, "summary.json")):
@@ -148,17 +152,17 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
     return _finished(workdir, start.step, cfg)
   if is_main:
     outputs.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
-  keys = resume.step_keys(cfg, learner.mesh, start.step)
+  call_keys = keys.step_keys(cfg, learner.mesh, start.step)
   log = outputs.Log(cfg, workdir, start.step, start.resumed, start.pending, is_main,
                     show_progress)
   # Evaluation runs on every process (same program, replicated theta): none waits.
-  evaluator = evaluate_lib.PeriodicEvaluator.from_config(cfg, learner)
+  evaluator = periodic.PeriodicEvaluator.from_config(cfg, learner)
   spc, state, step = cfg.steps_per_call, start.state, start.step
   with stopping.StopRequest() as stop:
     try:
       first, num_calls = start.step // spc, cfg.outer_steps // spc
       for c in range(first, num_calls):
-        key = keys[c - first]
+        key = call_keys[c - first]
         if spc == 1:
           state, loss, metrics = learner.update(state, key, with_metrics=True)
         else:
@@ -195,7 +199,7 @@ def _main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _quiet_by_default()
   # Before anything touches a device: join the other processes (if any).
-  sharding.initialize(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value,
+  multihost.initialize(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value,
                       _FLAGS['process_id'].value, timeout_s=_FLAGS['init_timeout'].value)
   cfg = config_lib.load(_FLAGS['config'].value, _OVERRIDES)
   if _FLAGS['print_config'].value:
@@ -205,7 +209,7 @@ def _main(argv):
   mesh = sharding.mesh_from_spec(_FLAGS['mesh'].value) if _FLAGS['mesh'].value else None
   summary = train(cfg, workdir, mesh=mesh, restore_from=_FLAGS['restore_from'].value,
                   mesh_spec=_FLAGS['mesh'].value or "")
-  if sharding.is_logging_process() and not summary.get("nothing_to_train"):
+  if multihost.is_logging_process() and not summary.get("nothing_to_train"):
     print(outputs.summary_text(summary), flush=True)
 
 

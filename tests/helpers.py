@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +16,20 @@ from spmd_lopt.outer_trainers import lopt_truncated_step
 from spmd_lopt.outer_trainers import truncated_pes
 from spmd_lopt.outer_trainers import truncation_schedule
 from spmd_lopt.tasks import quadratics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module, args, num_devices=None, timeout=300):
+  """``python -m module *args`` from the repository root, importing this checkout, as a
+  user runs it, with ``num_devices`` virtual CPU devices (None: a script's default, one).
+  Returns the ``CompletedProcess`` (text stdout and stderr)."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices}"
+                      if num_devices else "")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def pes_estimator(lopt, num_tasks=16, dim=10, trunc_length=10, min_length=20,

@@ -92,6 +92,21 @@ def test_tree_arithmetic_properties(xs, ys, c):
                              rtol=1e-5, atol=1e-4)
 
 
+def test_mean_zeros_ones_and_strip_weak_type():
+  tree = {"a": jnp.arange(4.0), "b": (jnp.full((2, 2), 3, jnp.int32),)}
+  np.testing.assert_allclose(tree_utils.tree_mean(tree), (0 + 1 + 2 + 3 + 4 * 3) / 8)
+  for fn, value in ((tree_utils.tree_zeros_like, 0), (tree_utils.tree_ones_like, 1)):
+    out = fn(tree)
+    assert jax.tree.structure(out) == jax.tree.structure(tree)
+    for o, t in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+      assert o.shape == t.shape and o.dtype == t.dtype and np.all(np.asarray(o) == value)
+  weak = {"x": jnp.asarray(2.0), "y": jnp.float32(1.0) * 3}
+  assert weak["x"].weak_type
+  strong = tree_utils.strip_weak_type(weak)
+  assert not any(leaf.weak_type for leaf in jax.tree.leaves(strong))
+  np.testing.assert_array_equal(strong["x"], 2.0)
+
+
 def test_zip_unzip_match_type_and_named_paths():
   trees = [{"a": jnp.full((2,), i, jnp.float32), "b": jnp.asarray(i)} for i in range(3)]
   stacked = tree_utils.tree_zip_onp(trees)

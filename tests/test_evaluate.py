@@ -3,8 +3,6 @@ periodic evaluation hook of the launcher."""
 
 import json
 import os
-import subprocess
-import sys
 import types
 
 import jax
@@ -15,15 +13,11 @@ from spmd_lopt import config as config_lib
 from spmd_lopt import evaluate
 from spmd_lopt.learned_optimizers import LearnableAdam, MLPLOpt, save_parameter_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_module
 
 
 def _cli(args, timeout=120):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env["XLA_FLAGS"] = ""  # a script's default: one CPU device
-  return subprocess.run([sys.executable, "-m", "spmd_lopt.evaluate", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+  return run_module("spmd_lopt.evaluate", args, timeout=timeout)
 
 
 def _checkpoint(tmp_path, lopt, name="theta.lopt"):
@@ -150,3 +144,22 @@ def test_launcher_logs_periodic_evaluations(tmp_path):
   assert all(np.isfinite(r["eval/quadratic/final_loss"]) for r in records)
   assert summary["eval_plot"] == str(tmp_path / "eval.png")
   assert (tmp_path / "eval.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_init_seed_evaluates_the_theta_a_launcher_run_starts_from(seed):
+  """``--lopt init:NAME --init_seed s`` and ``launch.train`` with ``config.seed = s``
+  start from one theta: both take its key from ``train.keys``."""
+  from spmd_lopt import sharding  # pylint: disable=import-outside-toplevel
+  from spmd_lopt.evaluation import cli  # pylint: disable=import-outside-toplevel
+  from spmd_lopt.train import keys  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.base_config()
+  cfg.update(dict(tasks="quadratic", quadratic_dim=3, num_tasks=2, seed=seed))
+  learner = config_lib.make_learner(cfg, mesh=sharding.make_mesh(num_devices=1))
+  launched = learner.get_meta_params(learner.init(keys.init_key(seed)))  # as launch.train
+  [(_, _, lopt, theta)] = cli._load_lopts([f"init:{cfg.lopt}"], "{}", "", seed)
+  assert type(lopt) is type(learner.meta_init)
+  jax.tree.map(np.testing.assert_array_equal, theta, jax.device_get(launched))
+  other = cli._load_lopts([f"init:{cfg.lopt}"], "{}", "", seed + 1)[0][3]
+  assert any(not np.array_equal(a, b)  # the seed matters (the weights, not the zero biases)
+             for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(theta)))

@@ -2,20 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_module
 
 
 def _run(args, timeout=300):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  return subprocess.run([sys.executable, "-m", "spmd_lopt.launch", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+  return run_module("spmd_lopt.launch", args, num_devices=2, timeout=timeout)
 
 
 def test_cli_meta_trains_and_writes_its_outputs(tmp_path):

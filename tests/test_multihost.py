@@ -22,6 +22,7 @@ import pytest
 from spmd_lopt import checkpoints
 from spmd_lopt import config as config_lib
 from spmd_lopt import launch
+from spmd_lopt import multihost
 from spmd_lopt import sharding
 
 from helpers import SLOW_STEPS as _SLOW_STEPS
@@ -88,7 +89,7 @@ def _cfg(**overrides):
 # Marks each process that runs a periodic evaluation (in $EVAL_MARKS/eval_<process>).
 _MARK_EVALS = """
 import os, jax
-from spmd_lopt import evaluate as _ev
+from spmd_lopt.evaluation import periodic as _ev  # the name PeriodicEvaluator calls
 _orig_eval = _ev.evaluate_theta
 def _marked_eval(*a, **k):
   with open(os.path.join(os.environ["EVAL_MARKS"], f"eval_{jax.process_index()}"), "a") as f:
@@ -231,14 +232,14 @@ def test_learner_on_a_2d_mesh_shards_tasks_only(devices):
 def test_cluster_detection(monkeypatch):
   for var in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(var, raising=False)
-  assert sharding.detected_cluster() is None
-  assert sharding.initialize() is False  # single process: nothing to do
+  assert multihost.detected_cluster() is None
+  assert multihost.initialize() is False  # single process: nothing to do
   for k, v in dict(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="n[1-2]", SLURM_NTASKS="2",
                    SLURM_PROCID="0", SLURM_LOCALID="0").items():
     monkeypatch.setenv(k, v)
-  assert sharding.detected_cluster() == "SLURM"
+  assert multihost.detected_cluster() == "SLURM"
   with pytest.raises(ValueError, match="needs all of --coordinator_address"):
-    sharding.initialize(coordinator_address="127.0.0.1:1234")
+    multihost.initialize(coordinator_address="127.0.0.1:1234")
 
 
 # Appends one character per meta step to $STEP_FILE<process index>.
@@ -379,7 +380,7 @@ def test_local_multiprocess_script(tmp_path):
 def test_auto_calls_jax_distributed_without_arguments(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-  assert sharding.initialize("auto", timeout_s=7) is True
+  assert multihost.initialize("auto", timeout_s=7) is True
   assert calls == [((), {"initialization_timeout": 7})]
   with pytest.raises(ValueError, match="auto lets JAX find"):
-    sharding.initialize("auto", num_processes=2)
+    multihost.initialize("auto", num_processes=2)

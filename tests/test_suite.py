@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,7 +13,7 @@ from spmd_lopt.evaluation import suite as S
 from spmd_lopt.learned_optimizers import LearnableAdam
 from spmd_lopt.optimizers.base import Adam
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_module
 
 
 def _tiny_suite():
@@ -82,11 +80,7 @@ def test_suite_runner_tunes_scores_and_resumes_from_its_cache(tmp_path):
 
 
 def _cli(args, timeout=900):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env["XLA_FLAGS"] = ""
-  return subprocess.run([sys.executable, "-m", "spmd_lopt.evaluate", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+  return run_module("spmd_lopt.evaluate", args, timeout=timeout)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -49,10 +49,11 @@ from spmd_lopt.evaluation import metrics
 from spmd_lopt.evaluation import report
 from spmd_lopt.evaluation import runner
 from spmd_lopt.evaluation import suite as suite_lib
-from spmd_lopt.evaluation.sweep import as_family, compare, launcher_init_key, make_lopt
+from spmd_lopt.evaluation.sweep import as_family, compare, make_lopt
 from spmd_lopt import learned_optimizers
 from spmd_lopt.learned_optimizers import checkpoint as lopt_checkpoint
 from spmd_lopt.learned_optimizers import registry as lopt_registry
+from spmd_lopt.train import keys as train_keys
 
 _FLAGS = {}
 
@@ -116,7 +117,7 @@ def _load_lopts(entries, lopt_args, expect_name, init_seed):
     label, spec = _parse_spec(entry)
     if spec.startswith("init:"):
       lopt = make_lopt(spec[len("init:"):], kwargs)
-      theta = lopt.init(launcher_init_key(init_seed))
+      theta = lopt.init(train_keys.theta_init_key(init_seed))
     elif os.path.isfile(spec):
       ckpt = lopt_checkpoint.load_parameter_checkpoint(spec, expect=expect)
       lopt, theta = ckpt.lopt, ckpt.theta

@@ -15,7 +15,7 @@ every task appears at ``300`` and ``5 x 300 = 1500`` steps, 5 seeds):
     on device), ``NoisyQuadratic_10_cond1000`` (random rotated quadratics, condition number
     up to 1000, gradient noise; evaluated noise-free) and ``LayerNormMLP_Digits8_64x64``.
 
-``quick`` (what the tests run; under 2 minutes on a 2-core CPU): ``ImageMLP_Digits8_Relu32``
+``quick`` (what the tests run): ``ImageMLP_Digits8_Relu32``
 and ``NoisyQuadratic_10_cond1000`` at 60 steps, 2 seeds, the same grids for Adam and SGD
 with momentum and AdamW at one weight decay (0.01).
 
@@ -136,7 +136,8 @@ def _mlp3():
 
 
 def _quadratic():
-  return _NoiseFreeEvalFamily(quadratics.NoisyQuadraticFamily(dim=10, max_condition=1000.0))
+  return _NoiseFreeEvalFamily(
+      quadratics.RotatedNoisyQuadraticFamily(dim=10, max_condition=1000.0))
 
 
 # name -> (family builder, kind)
@@ -186,17 +187,6 @@ def get_suite(name: str) -> Suite:
   if name not in suites:
     raise ValueError(f"unknown suite {name!r}; known: {', '.join(suites)}.")
   return suites[name]
-
-
-def task_suite(names: Sequence[str], horizons: Sequence[int], seeds: int,
-               name: str = "custom", eval_batches: int = 5,
-               weight_decays: Sequence[float] = WEIGHT_DECAYS) -> Suite:
-  """A suite of ``TASKS[names]`` at ``horizons`` (for tests and ad-hoc studies)."""
-  bad = [n for n in names if n not in TASKS]
-  if bad:
-    raise ValueError(f"unknown suite task(s) {bad}; known: {', '.join(TASKS)}.")
-  return Suite(name, _entries(list(names), tuple(horizons)), int(seeds),
-               baselines(weight_decays), eval_batches)
 
 
 def suite_key(seed: int = 0) -> jax.Array:

@@ -43,14 +43,6 @@ def make_lopt(name: str, kwargs: Optional[Mapping[str, Any]] = None
   return lopt_specs.build(name, kwargs)
 
 
-def launcher_init_key(seed: int) -> jax.Array:
-  """The key ``launch`` (via ``SpmdGradientLearner.init``) initialises theta from when
-  ``config.seed = seed``: ``split(split(key(seed))[0])[0]``."""
-  k_init, _ = jax.random.split(jax.random.key(seed))
-  k_theta, _ = jax.random.split(k_init)
-  return k_theta
-
-
 def as_family(task: TaskLike, **kwargs) -> tasks_base.TaskFamily:
   """A registry name (fixed task first, then family), a ``Task`` or a ``TaskFamily``, as
   a family; a fixed task becomes the family whose every sample is that task."""

@@ -1,8 +1,7 @@
-"""A run's checkpoints as the train loop uses them, and its step keys.
+"""A run's checkpoints as the train loop uses them: restore, periodic and final saves.
 
-The call that starts at outer step ``s`` uses the key ``fold_in(k_steps, s)`` with
-``k_init, k_steps = split(key(seed))``: a run resumed at step ``s`` (from a checkpoint
-holding the whole learner state) replays exactly the keys of an uninterrupted run.
+A run resumed at step ``s`` (from a checkpoint holding the whole learner state) then
+replays exactly the keys of an uninterrupted run (``train.keys``).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import os
 from typing import Any, NamedTuple, Optional, Sequence
 
 from absl import logging
-import jax
 import numpy as np
 
 from spmd_lopt import checkpoints
@@ -97,20 +95,3 @@ class RunCheckpoints:
 
   def close(self):
     self._ckpt.close()
-
-
-def step_keys(cfg, mesh, first_step: int) -> jax.Array:
-  """Keys of the calls from ``first_step`` on, made on device at once and replicated
-  (the loop never ships a key): call ``c`` gets ``fold_in(k_steps, c * steps_per_call)``.
-  ``[max(1, remaining calls)]`` keys."""
-  spc = cfg.steps_per_call
-  num_calls, start_call = cfg.outer_steps // spc, first_step // spc
-  starts = np.arange(start_call, max(num_calls, start_call + 1), dtype=np.int32) * spc
-  k_steps = jax.random.split(jax.random.key(cfg.seed))[1]
-  return jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)),
-                 out_shardings=sharding.replicated(mesh))(
-                     sharding.replicate(k_steps, mesh), sharding.replicate(starts, mesh))
-
-
-def init_key(cfg) -> jax.Array:
-  return jax.random.split(jax.random.key(cfg.seed))[0]
