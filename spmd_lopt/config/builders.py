@@ -31,7 +31,6 @@ from spmd_lopt.outer_trainers import truncated_nres
 from spmd_lopt.outer_trainers import truncated_pes
 from spmd_lopt.outer_trainers import truncation_schedule
 from spmd_lopt.tasks import base as tasks_base
-from spmd_lopt.tasks import quadratics
 from spmd_lopt.tasks import registry as task_registry
 
 ESTIMATORS = ("pes", "nres", "full_es", "truncated_grad", "full_grad")
@@ -141,24 +140,12 @@ def resolve_init_from(spec: str, shapes):
 
 # --- task families --------------------------------------------------------------------
 
-def _task_constructor(name: str):
-  """The callable whose signature a task's ``task_kwargs`` are checked against."""
-  fams = {"quadratic": quadratics.FixedDimQuadraticFamily,
-          "noisy_quadratic": quadratics.NoisyQuadraticFamily}
-  if name in fams:
-    return fams[name]
-  if name == "ParametricImageMLP_Digits8":
-    from spmd_lopt.tasks import parametric  # pylint: disable=import-outside-toplevel
-    return parametric.ParametricImageMLP
-  return task_registry._TASKS.get(name)  # pylint: disable=protected-access
-
-
 def check_task_entry(where: str, est: Mapping[str, Any]):
   """``(task name, task_kwargs, constructor or None)`` of an entry, kwargs checked
   against the constructor when the registry names one."""
   name = checks.as_str(f"{where}.task", est["task"])
   kwargs = dict(est["task_kwargs"])
-  ctor = _task_constructor(name)
+  ctor = task_registry.constructor(name)
   if ctor is not None:
     checks.check_kwargs(f"{where}.task_kwargs", ctor, kwargs, f"task {name!r}")
     for k, v in kwargs.items():

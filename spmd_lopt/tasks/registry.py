@@ -76,6 +76,22 @@ def get_task_set(name: str) -> tuple[str, ...]:
   return TASK_SETS[name]
 
 
+def constructor(name: str):
+  """The callable a name's keyword arguments go to (a fixed task's builder or a family's
+  class), so a config can check them against its signature; None for the ``*_<dim>``
+  patterns (their one argument is in the name)."""
+  if name in _TASKS:
+    return _TASKS[name]
+  if name == "quadratic":
+    return quadratics.FixedDimQuadraticFamily
+  if name == "noisy_quadratic":
+    return quadratics.RotatedNoisyQuadraticFamily
+  if name == "ParametricImageMLP_Digits8":
+    from spmd_lopt.tasks.parametric import ParametricImageMLP  # keeps import light
+    return ParametricImageMLP
+  return None
+
+
 def task_parameters(name: str) -> tuple[str, ...]:
   """The keyword arguments task ``name``'s builder takes (e.g. ``("data_dir",
   "batch_size")``), so a config can pass only what a task accepts."""
