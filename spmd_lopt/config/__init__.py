@@ -9,7 +9,8 @@ error naming the key and the known ones, not a silently ignored setting.
 
 Modules: ``schema`` (forms and defaults), ``checks`` (one-line errors), ``loading`` (files
 and ``--config.KEY=VALUE``), ``outer_opt`` (optax outer optimizer, ``frozen`` mask),
-``builders`` (learned optimizer, tasks, estimators, learner).
+``lopt_section`` (the learned optimizer and its starting theta), ``builders`` (tasks,
+estimators, the learner).
 """
 
 from __future__ import annotations
