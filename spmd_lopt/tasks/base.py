@@ -65,7 +65,9 @@ class Task:
 
   def loss_with_state_and_aux(self, params: Params, state: ModelState, key: PRNGKey,
                               data: Any) -> tuple[jax.Array, ModelState, dict]:
-    if self._overrides("loss_and_aux") and not self._overrides("loss_with_state"):
+    # A task defining only ``loss_and_aux`` (no ``loss``/``loss_with_state``): its aux.
+    if self._overrides("loss_and_aux") and not (self._overrides("loss")
+                                                or self._overrides("loss_with_state")):
       loss, aux = self.loss_and_aux(params, key, data)
       return loss, state, aux
     loss, state = self.loss_with_state(params, state, key, data)
