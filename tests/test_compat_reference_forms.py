@@ -212,11 +212,15 @@ def test_host_iterator_family_in_fused_learner_matches_device_sampling():
 
   # A script written against the reference: the family yields those batches from host
   # iterators, step-major as get_batch stacks them, and the learner is fed get_batch.
-  host_learner = _learner(_HostFamily(batches.reshape(-1)))
+  host_learner = _learner(_HostFamily(np.tile(batches.reshape(-1), 2)))
   est = host_learner.gradient_estimators[0]
   datas = est.truncated_step.get_batch(STEPS)
   np.testing.assert_array_equal(datas, batches)
   host_grad, host_loss = _one_update(host_learner, datas=(datas,))
+  # As the reference's learner does, update() draws them itself when not given.
+  drawn_grad, drawn_loss = _one_update(host_learner)
+  _close_trees(drawn_grad, host_grad)
+  assert drawn_loss == host_loss
 
   assert float(np.abs(device_grad["log_lr"])) > 0
   _close_trees(host_grad, device_grad)
@@ -229,8 +233,8 @@ def test_host_iterator_family_in_fused_learner_matches_device_sampling():
   assert float(jnp.abs(diff).max()) > 1e-6
 
 
-def test_host_iterator_family_without_datas_is_a_clear_error():
+def test_host_iterator_family_on_device_only_paths_is_a_clear_error():
   learner = _learner(_HostFamily(np.zeros(STEPS * TASKS, np.float32)))
   state = learner.init(jax.random.key(0))
   with pytest.raises(ValueError, match="host iterators"):
-    learner.update(state, jax.random.key(1))
+    learner.meta_gradient(state, jax.random.key(1))

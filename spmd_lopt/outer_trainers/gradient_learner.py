@@ -229,7 +229,8 @@ class SpmdGradientLearner:
     for est, d in zip(self.gradient_estimators, datas):
       if d is None and estimator_base.has_host_datasets(getattr(est, "truncated_step", None)):
         raise ValueError(f"the tasks of {est.task_name()} read host iterators "
-                         "(datasets_base.Datasets): pass datas=..., one entry per estimator "
+                         "(datasets_base.Datasets): use update(), which draws their batches, "
+                         "or pass datas=..., one entry per estimator "
                          "(estimator.get_host_data()).")
       for leaf in jax.tree.leaves(d):
         if leaf.ndim < 2 or leaf.shape[1] != est.num_tasks:
@@ -288,8 +289,15 @@ class SpmdGradientLearner:
 
     ``datas`` (optional): host-fed batches, one entry per estimator (see ``shard_datas``;
     host arrays, e.g. from ``get_batch``, are placed here); by default every task draws
-    its batches on device.
+    its batches on device, except tasks whose family has host iterators (the reference's
+    data model): theirs are drawn here, on the host, with ``get_host_data``.
     """
+    if datas is None and any(estimator_base.has_host_datasets(getattr(e, "truncated_step",
+                                                                       None))
+                             for e in self.gradient_estimators):
+      datas = tuple(e.get_host_data()
+                    if estimator_base.has_host_datasets(e.truncated_step) else None
+                    for e in self.gradient_estimators)
     if datas is not None:
       datas = tuple(self._place_host_leaves(d) for d in datas)
     return self._update_fn(with_metrics)(state, sharding.replicate(key, self.mesh), datas,
