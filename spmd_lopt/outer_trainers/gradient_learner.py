@@ -126,6 +126,10 @@ class SpmdGradientLearner:
                                  f"estimator {i} ({est.task_name()})")
         for i, est in enumerate(self.gradient_estimators))
     self.metric_names = _metric_names(self.gradient_estimators)
+    # Estimators whose tasks read host iterators: ``update`` draws their batches.
+    self._host_fed = tuple(estimator_base.has_host_datasets(getattr(e, "truncated_step",
+                                                                    None))
+                           for e in self.gradient_estimators)
     self._jit_init = None
     self._jit_update = {}
     self._jit_update_many = {}
@@ -292,12 +296,9 @@ class SpmdGradientLearner:
     its batches on device, except tasks whose family has host iterators (the reference's
     data model): theirs are drawn here, on the host, with ``get_host_data``.
     """
-    if datas is None and any(estimator_base.has_host_datasets(getattr(e, "truncated_step",
-                                                                       None))
-                             for e in self.gradient_estimators):
-      datas = tuple(e.get_host_data()
-                    if estimator_base.has_host_datasets(e.truncated_step) else None
-                    for e in self.gradient_estimators)
+    if datas is None and any(self._host_fed):
+      datas = tuple(e.get_host_data() if fed else None
+                    for e, fed in zip(self.gradient_estimators, self._host_fed))
     if datas is not None:
       datas = tuple(self._place_host_leaves(d) for d in datas)
     return self._update_fn(with_metrics)(state, sharding.replicate(key, self.mesh), datas,
