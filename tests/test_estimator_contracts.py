@@ -216,21 +216,11 @@ def _ests(lopt):
   }
 
 
-def test_whole_unroll_estimators_refuse_host_data_in_one_line():
-  lopt = _lopt()
-  theta = lopt.init(jax.random.key(0))
-  ids = jnp.arange(4)
-  for name in ("full_es", "full_grad"):
-    est = _ests(lopt)[name]
-    with pytest.raises(ValueError, match=f"{type(est).__name__} draws its batches on "
-                       "device and cannot use host-fed data"):
-      est.estimate_local(theta, est.init_local(theta, OS, jax.random.key(1), ids),
-                         jax.random.key(2), ids, OS, data=jnp.zeros((3, 4, 1)))
-
-
-@pytest.mark.parametrize("name", ["nres", pytest.param("pes", marks=pytest.mark.slow),
-                                  pytest.param("tgrad", marks=pytest.mark.slow)])
-def test_truncated_estimators_take_host_data(name):
+@pytest.mark.parametrize("name", ["nres", "full_es",
+                                  pytest.param("pes", marks=pytest.mark.slow),
+                                  pytest.param("tgrad", marks=pytest.mark.slow),
+                                  pytest.param("full_grad", marks=pytest.mark.slow)])
+def test_estimators_take_host_data(name):
   """The same ``data=`` argument everywhere; quadratics ignore their batches, so host-fed
   zeros give the numbers of on-device sampling (TruncatedGrad with a remat chunk that does
   not divide the unroll pads the data)."""

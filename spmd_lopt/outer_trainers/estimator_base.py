@@ -19,8 +19,8 @@ One interface for every estimator::
     estimate_local(theta, state, key, task_ids, outer_state, data=None) -> LocalEstimate
 
 ``data`` is ``None`` (tasks draw their batches on device) or host-fed batches for the
-slice, leaves ``[unroll_length, len(task_ids), ...]``; an estimator that cannot use them
-raises one ``ValueError`` saying so (``reject_host_data``).
+slice, leaves ``[unroll_length, len(task_ids), ...]`` (what ``get_host_data`` draws from
+a family whose ``datasets`` are the reference's host iterators).
 
 This module also holds what the estimators share: construction of the truncated step
 (``build_truncated_step``), validation, NaN handling (``sanitize_per_task``), per-task
@@ -30,7 +30,8 @@ antithetic truncated ES base (``AntitheticTruncatedEstimator``, PES and NRES).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import functools
+from typing import Any, Callable, Mapping, Optional
 
 import chex
 import flax
@@ -42,6 +43,7 @@ from spmd_lopt.outer_trainers import lopt_truncated_step
 from spmd_lopt.outer_trainers import truncated_step as truncated_step_lib
 from spmd_lopt.outer_trainers import truncation_schedule as ts
 from spmd_lopt.tasks import base as tasks_base
+from spmd_lopt.tasks import datasets_base
 
 MetaParams = Any
 
@@ -129,13 +131,6 @@ def finish_estimate(grads, losses, clip_nan_loss_to_value: float, state, out
                        state=state, unroll_info=info)
 
 
-def reject_host_data(who: str, data) -> None:
-  """One clear line for an estimator that draws all its batches on device."""
-  if data is not None and jax.tree.leaves(data):
-    raise ValueError(f"{who} draws its batches on device and cannot use host-fed data; "
-                     "pass data=None (or use TruncatedPES, TruncatedNRES or TruncatedGrad).")
-
-
 def positive_int(who: str, name: str, value) -> int:
   if isinstance(value, bool) or int(value) != value or value <= 0:
     raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}.")
@@ -173,6 +168,41 @@ def build_truncated_step(truncated_step, task_family, learned_opt, trunc_sched, 
   return lopt_truncated_step.VectorizedLOptTruncatedStep(
       task_family, learned_opt, trunc_sched, num_tasks,
       random_initial_iteration_offset=random_initial_iteration_offset)
+
+
+def reference_form(legacy: Callable[..., dict]):
+  """Decorate an estimator's ``__init__`` so it also takes the reference's older
+  constructor, whose first argument is the task family (``TruncatedPES(task_family,
+  learned_opt, trunc_sched, num_tasks=..., ...)``).
+
+  ``legacy`` has that older signature (Python's own argument binding rejects an unknown or
+  missing argument) and returns the keyword arguments of the current ``__init__``; it
+  builds the truncated step the older form implies. Any other call is passed through.
+  """
+  def decorate(init):
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+      if args and isinstance(args[0], tasks_base.TaskFamily):
+        return init(self, **legacy(*args, **kwargs))
+      return init(self, *args, **kwargs)
+    return wrapped
+  return decorate
+
+
+def reference_meta_loss_split(who: str, train_and_meta: bool, meta_loss_split):
+  """The older ``train_and_meta=True`` (the meta-loss on an ``outer_valid`` batch after
+  each update) as today's ``meta_loss_split``."""
+  if train_and_meta and meta_loss_split not in (None, "outer_valid"):
+    raise ValueError(f"{who}: train_and_meta=True means meta_loss_split='outer_valid'; "
+                     f"got meta_loss_split={meta_loss_split!r} too.")
+  return "outer_valid" if train_and_meta else meta_loss_split
+
+
+def has_host_datasets(truncated_step) -> bool:
+  """Whether the step's tasks read the reference's host iterators (``datasets`` is a
+  ``datasets_base.Datasets``): their batches must be drawn on the host (``get_batch``)."""
+  family = getattr(truncated_step, "task_family", None)
+  return isinstance(getattr(family, "datasets", None), datasets_base.Datasets)
 
 
 def per_task_grads(loss_fn, theta, task_ids):
@@ -270,7 +300,7 @@ class GradientEstimator:
   def estimate_local(self, theta, state, key, task_ids, outer_state: OuterState,
                      data=None) -> LocalEstimate:
     """``data``: ``None`` (tasks draw batches on device) or host-fed batches for the slice,
-    leaves ``[unroll_length, len(task_ids), ...]`` (see ``reject_host_data``)."""
+    leaves ``[unroll_length, len(task_ids), ...]`` (see ``get_host_data``)."""
     raise NotImplementedError
 
   # --- the reference's host API -----------------------------------------------------
@@ -282,14 +312,27 @@ class GradientEstimator:
           lambda th, os, k: self.init_local(th, os, k, jnp.arange(self.num_tasks)))
     return self._jit_init(worker_weights.theta, worker_weights.outer_state, key)
 
+  def host_data_steps(self) -> int:
+    """Inner steps per call, hence batches per task of host-fed data."""
+    raise NotImplementedError
+
+  def get_host_data(self):
+    """One call's host-fed batches for a task family with host iterators (the reference's
+    data model), drawn on the host: ``truncated_step.get_batch(host_data_steps())``."""
+    return self.truncated_step.get_batch(self.host_data_steps())
+
   def compute_gradient_estimate(self, worker_weights: WorkerWeights, key, state,
                                 with_summary: bool = False, datas_list=None
                                 ) -> tuple[GradientEstimatorOut, Mapping[str, jax.Array]]:
     """One estimate over all tasks: ``(GradientEstimatorOut, metrics)``.
 
     ``datas_list``: optional host-fed batches, leaves ``[unroll_length, num_tasks, ...]``.
+    Without it, tasks whose family has host iterators get theirs from ``get_host_data``
+    (as the reference draws them inside this call); other tasks sample on device.
     """
     del with_summary  # summaries come back as metrics
+    if datas_list is None and has_host_datasets(getattr(self, "truncated_step", None)):
+      datas_list = self.get_host_data()
     if not hasattr(self, "_jit_estimate"):
       def estimate(th, s, k, os, data):
         return self.estimate_local(th, s, k, jnp.arange(self.num_tasks), os, data=data)
@@ -319,13 +362,40 @@ def pes_weights(delta: jax.Array, mask: jax.Array, is_reset: jax.Array):
   return w_old, w_new
 
 
+def _antithetic_reference_form(task_family, learned_opt, trunc_sched, num_tasks,
+                               trunc_length: int = 10, random_initial_iteration_offset: int = 0,
+                               std: float = 0.01, steps_per_jit: Optional[int] = 10,
+                               train_and_meta: bool = False,
+                               stack_antithetic_samples: bool = False,
+                               sign_delta_loss_scalar: Optional[float] = None,
+                               meta_loss_split: Optional[str] = None,
+                               clip_nan_loss_to_value: float = 20.0) -> dict:
+  """The reference's older ``TruncatedPES(task_family, learned_opt, trunc_sched,
+  num_tasks, ...)`` as keyword arguments of ``AntitheticTruncatedEstimator``."""
+  split = reference_meta_loss_split("TruncatedPES", train_and_meta, meta_loss_split)
+  step = lopt_truncated_step.VectorizedLOptTruncatedStep(
+      task_family, learned_opt, trunc_sched, num_tasks, meta_loss_split=split,
+      random_initial_iteration_offset=random_initial_iteration_offset)
+  return dict(truncated_step=step, trunc_length=trunc_length, std=std,
+              steps_per_jit=steps_per_jit, stack_antithetic_samples=stack_antithetic_samples,
+              sign_delta_loss_scalar=sign_delta_loss_scalar,
+              clip_nan_loss_to_value=clip_nan_loss_to_value)
+
+
 class AntitheticTruncatedEstimator(GradientEstimator):
   """Construction and options shared by the antithetic truncated ES estimators (PES and
   NRES): the truncated step (given, or built from parts), ``trunc_length``, ``std``,
   ``steps_per_jit`` (accepted for reference compatibility; each truncation is one scan),
   ``stack_antithetic_samples``, ``sign_delta_loss_scalar`` and
-  ``clip_nan_loss_to_value``."""
+  ``clip_nan_loss_to_value``.
 
+  Also takes the reference's older form ``(task_family, learned_opt, trunc_sched,
+  num_tasks, trunc_length=10, random_initial_iteration_offset=0, std=0.01,
+  steps_per_jit=10, train_and_meta=False, stack_antithetic_samples=False, ...)``
+  (``train_and_meta=True`` is ``meta_loss_split="outer_valid"``).
+  """
+
+  @reference_form(_antithetic_reference_form)
   def __init__(self, truncated_step=None, trunc_length: int = 10, std: float = 0.01,
                steps_per_jit: Optional[int] = 10, stack_antithetic_samples: bool = True,
                sign_delta_loss_scalar: Optional[float] = None,
@@ -345,6 +415,9 @@ class AntitheticTruncatedEstimator(GradientEstimator):
     self.stack_antithetic_samples = bool(stack_antithetic_samples)
     self.sign_delta_loss_scalar = sign_delta_loss_scalar
     self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
+
+  def host_data_steps(self) -> int:
+    return self.trunc_length
 
   def _combine(self, p_out, n_out, old, new):
     """The estimate from one antithetic unroll, shared by PES and NRES.

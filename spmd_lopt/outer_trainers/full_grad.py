@@ -12,6 +12,7 @@ For short problems: memory grows with the length; ``use_remat`` keeps it to one 
 ``chunk_length`` steps plus one chunk's activations. The scan is static (``max_length``
 steps); steps past the drawn length are skipped, so a drawn length costs exactly itself.
 The truncated step must use ``NeverEndingTruncationSchedule`` (as for ``FullES``).
+Host-fed data (families with host iterators): ``data`` leaves ``[max_length, n, ...]``.
 """
 
 from __future__ import annotations
@@ -59,13 +60,15 @@ class FullGrad(estimator_base.GradientEstimator):
     del theta, outer_state, key, task_ids
     return estimator_base.FullUnrollWorkerState()
 
+  def host_data_steps(self) -> int:
+    return self.max_length
+
   def sample_length(self, key, outer_state):
     return estimator_base.sample_length(self.truncation_schedule, key, outer_state,
                                         self.max_length)
 
   def estimate_local(self, theta, state, key, task_ids, outer_state, data=None):
     del state
-    estimator_base.reject_host_data("FullGrad", data)
     k_len, k_init, k_unroll = jax.random.split(key, 3)
     length = self.sample_length(k_len, outer_state)
     step = self.truncated_step
@@ -78,7 +81,7 @@ class FullGrad(estimator_base.GradientEstimator):
       _, out = common.unroll_in_chunks(
           step, theta_vec, init, k_unroll, self.max_length, outer_state, task_ids,
           theta_is_vector=True, steps_per_chunk=self.chunk_length, remat=self.use_remat,
-          num_active=length)
+          num_active=length, data=data)
       return full_es.reduce_unroll_loss(out.loss, out.mask, length, self.loss_type), out
 
     grads, losses, out = estimator_base.per_task_grads(loss_fn, theta, task_ids)

@@ -126,6 +126,10 @@ class SpmdGradientLearner:
                                  f"estimator {i} ({est.task_name()})")
         for i, est in enumerate(self.gradient_estimators))
     self.metric_names = _metric_names(self.gradient_estimators)
+    # Estimators whose tasks read host iterators: ``update`` draws their batches.
+    self._host_fed = tuple(estimator_base.has_host_datasets(getattr(e, "truncated_step",
+                                                                    None))
+                           for e in self.gradient_estimators)
     self._jit_init = None
     self._jit_update = {}
     self._jit_update_many = {}
@@ -222,11 +226,16 @@ class SpmdGradientLearner:
     """Host-fed batches: ``None`` or one entry per estimator (``None`` = draw on device),
     leaves ``[unroll_length, num_tasks, ...]``, sharded over tasks by ``shard_datas``."""
     if datas is None:
-      return (None,) * len(self.gradient_estimators)
+      datas = (None,) * len(self.gradient_estimators)
     if len(datas) != len(self.gradient_estimators):
       raise ValueError(f"datas has {len(datas)} entries for "
                        f"{len(self.gradient_estimators)} estimators.")
     for est, d in zip(self.gradient_estimators, datas):
+      if d is None and estimator_base.has_host_datasets(getattr(est, "truncated_step", None)):
+        raise ValueError(f"the tasks of {est.task_name()} read host iterators "
+                         "(datasets_base.Datasets): use update(), which draws their batches, "
+                         "or pass datas=..., one entry per estimator "
+                         "(estimator.get_host_data()).")
       for leaf in jax.tree.leaves(d):
         if leaf.ndim < 2 or leaf.shape[1] != est.num_tasks:
           raise ValueError(f"host-fed data for {est.task_name()} must have leaves "
@@ -282,11 +291,26 @@ class SpmdGradientLearner:
              datas=None):
     """One meta step: ``(state, key) -> (state, loss, metrics)``. Donates ``state``.
 
-    ``datas`` (optional): host-fed batches, one entry per estimator (see ``shard_datas``);
-    by default every task draws its batches on device.
+    ``datas`` (optional): host-fed batches, one entry per estimator (see ``shard_datas``;
+    host arrays, e.g. from ``get_batch``, are placed here); by default every task draws
+    its batches on device, except tasks whose family has host iterators (the reference's
+    data model): theirs are drawn here, on the host, with ``get_host_data``.
     """
+    if datas is None and any(self._host_fed):
+      datas = tuple(e.get_host_data() if fed else None
+                    for e, fed in zip(self.gradient_estimators, self._host_fed))
+    if datas is not None:
+      datas = tuple(self._place_host_leaves(d) for d in datas)
     return self._update_fn(with_metrics)(state, sharding.replicate(key, self.mesh), datas,
                                          self._datasets)
+
+  def _place_host_leaves(self, data):
+    """Shard the host (numpy) leaves of one estimator's batches over tasks; arrays already
+    on device are left as they are."""
+    if data is None or all(isinstance(x, jax.Array) for x in jax.tree.leaves(data)):
+      return data
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else self.shard_datas(x),
+                        data)
 
   def _update_fn(self, with_metrics: bool):
     if with_metrics not in self._jit_update:

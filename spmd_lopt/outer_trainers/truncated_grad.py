@@ -26,6 +26,7 @@ import flax
 
 from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import estimator_base
+from spmd_lopt.outer_trainers import lopt_truncated_step
 
 
 @flax.struct.dataclass
@@ -34,14 +35,38 @@ class TruncatedGradWorkerState:
   inner_state: Any
 
 
+def _reference_form(task_family, learned_opt, trunc_sched, num_tasks,
+                    unroll_length: int = 20, steps_per_jit: Optional[int] = 10,
+                    train_and_meta: bool = False, loss_type: str = "avg",
+                    random_initial_iteration_offset: int = 0,
+                    meta_loss_split: Optional[str] = None, use_remat: bool = False) -> dict:
+  """The reference's older ``TruncatedGrad(task_family, learned_opt, trunc_sched,
+  num_tasks, ...)`` as keyword arguments of today's constructor."""
+  if loss_type != "avg":
+    raise ValueError(f"TruncatedGrad: loss_type must be 'avg' (the masked mean over the "
+                     f"unroll), got {loss_type!r}.")
+  split = estimator_base.reference_meta_loss_split("TruncatedGrad", train_and_meta,
+                                                   meta_loss_split)
+  step = lopt_truncated_step.VectorizedLOptTruncatedStep(
+      task_family, learned_opt, trunc_sched, num_tasks, meta_loss_split=split,
+      random_initial_iteration_offset=random_initial_iteration_offset)
+  return dict(truncated_step=step, unroll_length=unroll_length,
+              steps_per_jit=steps_per_jit, use_remat=use_remat)
+
+
 class TruncatedGrad(estimator_base.GradientEstimator):
   """Truncated backprop through ``unroll_length`` inner steps (module docstring).
 
   remat_chunk: steps per ``jax.checkpoint`` chunk when ``use_remat`` (clamped to
   ``unroll_length``; need not divide it). steps_per_jit: accepted for reference
   compatibility, no effect (the unroll is one program).
+
+  Also takes the reference's older form ``(task_family, learned_opt, trunc_sched,
+  num_tasks, unroll_length=20, steps_per_jit=10, train_and_meta=False, loss_type="avg",
+  random_initial_iteration_offset=0)``.
   """
 
+  @estimator_base.reference_form(_reference_form)
   def __init__(self, truncated_step, unroll_length: int = 20,
                steps_per_jit: Optional[int] = 10, use_remat: bool = False,
                clip_nan_loss_to_value: float = 20.0, remat_chunk: int = 10):
@@ -56,6 +81,9 @@ class TruncatedGrad(estimator_base.GradientEstimator):
     self.truncated_step = truncated_step
     self.use_remat = bool(use_remat)
     self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
+
+  def host_data_steps(self) -> int:
+    return self.unroll_length
 
   def init_local(self, theta, outer_state, key, task_ids):
     return TruncatedGradWorkerState(self.truncated_step.init_step_state(

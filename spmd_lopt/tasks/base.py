@@ -47,7 +47,13 @@ class Task:
     return self.init(key), None
 
   def loss(self, params: Params, key: PRNGKey, data: Any) -> jax.Array:
+    # A reference-style task may define only ``loss_and_aux``.
+    if self._overrides("loss_and_aux"):
+      return self.loss_and_aux(params, key, data)[0]
     raise NotImplementedError
+
+  def _overrides(self, name: str) -> bool:
+    return getattr(type(self), name) is not getattr(Task, name)
 
   def loss_with_state(self, params: Params, state: ModelState, key: PRNGKey,
                       data: Any) -> tuple[jax.Array, ModelState]:
@@ -59,6 +65,11 @@ class Task:
 
   def loss_with_state_and_aux(self, params: Params, state: ModelState, key: PRNGKey,
                               data: Any) -> tuple[jax.Array, ModelState, dict]:
+    # A task defining only ``loss_and_aux`` (no ``loss``/``loss_with_state``): its aux.
+    if self._overrides("loss_and_aux") and not (self._overrides("loss")
+                                                or self._overrides("loss_with_state")):
+      loss, aux = self.loss_and_aux(params, key, data)
+      return loss, state, aux
     loss, state = self.loss_with_state(params, state, key, data)
     return loss, state, {}
 
