@@ -46,14 +46,19 @@ def main():
   args = ap.parse_args()
   ckpt = ckpt_lib.load_parameter_checkpoint(os.path.join(args.workdir, "theta.lopt"))
   summary = _read_json(os.path.join(args.workdir, "summary.json"))
+  with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
   extra = {
       "name": args.name,
       "reproduce": f"python -m spmd_lopt.launch --config {args.reproduce}",
       "config": _read_json(os.path.join(args.workdir, "config.json")),
-      "outer_steps": summary.get("outer_steps", summary.get("steps")),
-      "train_time_s": summary.get("wall_time_s", summary.get("total_time_s")),
-      "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {summary.get('devices')}",
-      "meta_loss": {k: summary[k] for k in ("loss_start", "loss_end") if k in summary},
+      "outer_steps": int(summary["outer_steps"]),
+      # wall seconds from the launch to the last logged step (compile included)
+      "train_time_s": float(records[-1]["time"]),
+      "machine": (f"{platform.machine()}, {os.cpu_count()} CPUs, {summary['devices']} "
+                  f"{summary['device_kind']} device(s)"),
+      "meta_loss": {"start": summary["meta_loss_start"], "end": summary["meta_loss_end"],
+                    "per_task": summary["per_family"]},
   }
   if args.suite:
     extra["suite"] = suite_aggregates(_read_json(args.suite), args.suite_label or args.name)

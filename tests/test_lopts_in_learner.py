@@ -16,7 +16,11 @@ from spmd_lopt.learned_optimizers import registry
 import helpers
 
 
-@pytest.mark.parametrize("name", ["celo2", "celo2_base", "adafac_mlp_lopt", "learnable_sgdm"])
+@pytest.mark.parametrize("name", [
+    "celo2",
+    pytest.param("celo2_base", marks=pytest.mark.slow),
+    pytest.param("adafac_mlp_lopt", marks=pytest.mark.slow),
+    "learnable_sgdm"])
 def test_update_with_resets_inside_shard_map(name):
   lopt = registry.get(name)()
   est = lambda lo: [helpers.pes_estimator(lo, num_tasks=4, dim=4, trunc_length=4,

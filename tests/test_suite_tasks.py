@@ -47,6 +47,7 @@ def test_suites_cover_the_brief():
     S.get_suite("nope")
 
 
+@pytest.mark.slow  # ~10 s; the transformer task also trains in the slow suite tests
 def test_copy_task_data_splits_and_causality():
   task = transformer_lm.CopyLMTask(num_symbols=5, length=4, batch_size=3, width=16)
   b = task.sample_batch(jax.random.key(0), "train")

@@ -1,0 +1,65 @@
+"""The learned optimizers shipped as package data (``spmd_lopt/pretrained/*.lopt``)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from spmd_lopt import config
+from spmd_lopt.learned_optimizers import as_optax, checkpoint, registry, resolve, specs
+from spmd_lopt.tasks import registry as task_registry
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = specs.pretrained_names()
+
+
+def test_at_least_one_optimizer_is_shipped():
+  assert NAMES, f"no .lopt file in {specs.PRETRAINED_DIR}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pretrained_loads_and_matches_its_metadata(name):
+  lopt, theta = resolve(f"pretrained:{name}")
+  ckpt = checkpoint.load_parameter_checkpoint(
+      os.path.join(specs.PRETRAINED_DIR, name + ".lopt"))
+  extra = ckpt.extra
+  assert extra["name"] == name
+  assert int(extra["outer_steps"]) > 0 and float(extra["train_time_s"]) > 0
+  json.dumps(extra, allow_nan=False)  # strict JSON metadata
+  # the config file named in the metadata reproduces this optimizer
+  cfg_file = extra["reproduce"].split("--config ")[1].split()[0]
+  cfg = config.load(os.path.join(REPO, cfg_file), [])
+  full = config.resolve(cfg)
+  assert full["lopt"]["name"] == registry.name_of(type(lopt))
+  assert int(cfg.outer_steps) == int(extra["outer_steps"])
+  for k, v in lopt.config.items():
+    if k in full["lopt"]:
+      assert full["lopt"][k] == v, k
+  assert extra["config"]["lopt"]["name"] == full["lopt"]["name"]
+  same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), theta, ckpt.theta)
+  assert all(jax.tree.leaves(same))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pretrained_trains_a_digits_mlp_in_optax(name):
+  task = task_registry.get_task("ImageMLP_Digits8_Relu32_B64")
+  key = jax.random.key(0)
+  params = task.init(key)
+  tx = as_optax(f"pretrained:{name}", num_steps=50)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, k):
+    batch = task.sample_batch(k, "train")
+    loss, grads = jax.value_and_grad(task.loss)(params, k, batch)
+    updates, state = tx.update(grads, state, params, loss=loss)
+    return optax.apply_updates(params, updates), state, loss
+
+  losses = []
+  for i in range(50):
+    params, state, loss = step(params, state, jax.random.fold_in(key, i))
+    losses.append(float(loss))
+  assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
