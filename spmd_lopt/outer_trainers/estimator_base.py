@@ -347,6 +347,26 @@ class GradientEstimator:
 # --- antithetic truncated ES (PES, NRES) ----------------------------------------------
 
 
+class WholeUnrollEstimator(GradientEstimator):
+  """The shared part of FullES and FullGrad: each call unrolls fresh tasks for a length
+  drawn from ``self.truncation_schedule`` (at most ``self.max_length``), so nothing is
+  kept between calls."""
+
+  truncation_schedule: Any
+  max_length: int
+
+  def init_local(self, theta, outer_state, key, task_ids):
+    del theta, outer_state, key, task_ids
+    return FullUnrollWorkerState()
+
+  def host_data_steps(self) -> int:
+    return self.max_length
+
+  def sample_length(self, key, outer_state):
+    """This call's unroll length (int32 scalar in ``[1, max_length]``)."""
+    return sample_length(self.truncation_schedule, key, outer_state, self.max_length)
+
+
 def pes_weights(delta: jax.Array, mask: jax.Array, is_reset: jax.Array):
   """Split each task's antithetic loss difference between the two perturbations.
 

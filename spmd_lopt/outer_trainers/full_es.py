@@ -87,7 +87,7 @@ def _reference_form(task_family, learned_opt, num_tasks, unroll_length: int = 20
               sign_delta_loss_scalar=sign_delta_loss_scalar)
 
 
-class FullES(estimator_base.GradientEstimator):
+class FullES(estimator_base.WholeUnrollEstimator):
   """Antithetic ES over whole unrolls (see module docstring for the math and options).
 
   Args:
@@ -146,13 +146,6 @@ class FullES(estimator_base.GradientEstimator):
     self.stack_antithetic_samples = bool(stack_antithetic_samples)
     self.sign_delta_loss_scalar = sign_delta_loss_scalar
     self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
-
-  def init_local(self, theta, outer_state, key, task_ids):
-    del theta, outer_state, key, task_ids
-    return estimator_base.FullUnrollWorkerState()
-
-  def host_data_steps(self) -> int:
-    return self.max_length
 
   def get_host_data(self):
     batches = self.truncated_step.get_batch(self.max_length)
@@ -214,11 +207,6 @@ class FullES(estimator_base.GradientEstimator):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
     return jax.vmap(one, in_axes=(0, 0, 0, None if data is None else 1))(
         theta_vec, state, keys, data)
-
-  def sample_length(self, key, outer_state):
-    """This call's unroll length (int32 scalar in ``[1, max_length]``)."""
-    return estimator_base.sample_length(self.truncation_schedule, key, outer_state,
-                                        self.max_length)
 
   # --- the estimator ---------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from spmd_lopt.outer_trainers import estimator_base
 from spmd_lopt.outer_trainers import full_es
 
 
-class FullGrad(estimator_base.GradientEstimator):
+class FullGrad(estimator_base.WholeUnrollEstimator):
   """Backprop through whole fresh unrolls (module docstring).
 
   Args:
@@ -55,17 +55,6 @@ class FullGrad(estimator_base.GradientEstimator):
     self.use_remat = bool(use_remat)
     self.loss_type = loss_type
     self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
-
-  def init_local(self, theta, outer_state, key, task_ids):
-    del theta, outer_state, key, task_ids
-    return estimator_base.FullUnrollWorkerState()
-
-  def host_data_steps(self) -> int:
-    return self.max_length
-
-  def sample_length(self, key, outer_state):
-    return estimator_base.sample_length(self.truncation_schedule, key, outer_state,
-                                        self.max_length)
 
   def estimate_local(self, theta, state, key, task_ids, outer_state, data=None):
     del state

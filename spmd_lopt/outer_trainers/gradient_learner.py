@@ -24,7 +24,7 @@ in ``spmd_lopt.compat`` and is re-exported here, the reference's import path.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax
 import jax
