@@ -30,8 +30,7 @@ antithetic truncated ES base (``AntitheticTruncatedEstimator``, PES and NRES).
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import chex
 import flax
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 
 from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import lopt_truncated_step
+from spmd_lopt.outer_trainers import reference_forms
 from spmd_lopt.outer_trainers import truncated_step as truncated_step_lib
 from spmd_lopt.outer_trainers import truncation_schedule as ts
 from spmd_lopt.tasks import base as tasks_base
@@ -168,34 +168,6 @@ def build_truncated_step(truncated_step, task_family, learned_opt, trunc_sched, 
   return lopt_truncated_step.VectorizedLOptTruncatedStep(
       task_family, learned_opt, trunc_sched, num_tasks,
       random_initial_iteration_offset=random_initial_iteration_offset)
-
-
-def reference_form(legacy: Callable[..., dict]):
-  """Decorate an estimator's ``__init__`` so it also takes the reference's older
-  constructor, whose first argument is the task family (``TruncatedPES(task_family,
-  learned_opt, trunc_sched, num_tasks=..., ...)``).
-
-  ``legacy`` has that older signature (Python's own argument binding rejects an unknown or
-  missing argument) and returns the keyword arguments of the current ``__init__``; it
-  builds the truncated step the older form implies. Any other call is passed through.
-  """
-  def decorate(init):
-    @functools.wraps(init)
-    def wrapped(self, *args, **kwargs):
-      if args and isinstance(args[0], tasks_base.TaskFamily):
-        return init(self, **legacy(*args, **kwargs))
-      return init(self, *args, **kwargs)
-    return wrapped
-  return decorate
-
-
-def reference_meta_loss_split(who: str, train_and_meta: bool, meta_loss_split):
-  """The older ``train_and_meta=True`` (the meta-loss on an ``outer_valid`` batch after
-  each update) as today's ``meta_loss_split``."""
-  if train_and_meta and meta_loss_split not in (None, "outer_valid"):
-    raise ValueError(f"{who}: train_and_meta=True means meta_loss_split='outer_valid'; "
-                     f"got meta_loss_split={meta_loss_split!r} too.")
-  return "outer_valid" if train_and_meta else meta_loss_split
 
 
 def has_host_datasets(truncated_step) -> bool:
@@ -382,26 +354,6 @@ def pes_weights(delta: jax.Array, mask: jax.Array, is_reset: jax.Array):
   return w_old, w_new
 
 
-def _antithetic_reference_form(task_family, learned_opt, trunc_sched, num_tasks,
-                               trunc_length: int = 10, random_initial_iteration_offset: int = 0,
-                               std: float = 0.01, steps_per_jit: Optional[int] = 10,
-                               train_and_meta: bool = False,
-                               stack_antithetic_samples: bool = False,
-                               sign_delta_loss_scalar: Optional[float] = None,
-                               meta_loss_split: Optional[str] = None,
-                               clip_nan_loss_to_value: float = 20.0) -> dict:
-  """The reference's older ``TruncatedPES(task_family, learned_opt, trunc_sched,
-  num_tasks, ...)`` as keyword arguments of ``AntitheticTruncatedEstimator``."""
-  split = reference_meta_loss_split("TruncatedPES", train_and_meta, meta_loss_split)
-  step = lopt_truncated_step.VectorizedLOptTruncatedStep(
-      task_family, learned_opt, trunc_sched, num_tasks, meta_loss_split=split,
-      random_initial_iteration_offset=random_initial_iteration_offset)
-  return dict(truncated_step=step, trunc_length=trunc_length, std=std,
-              steps_per_jit=steps_per_jit, stack_antithetic_samples=stack_antithetic_samples,
-              sign_delta_loss_scalar=sign_delta_loss_scalar,
-              clip_nan_loss_to_value=clip_nan_loss_to_value)
-
-
 class AntitheticTruncatedEstimator(GradientEstimator):
   """Construction and options shared by the antithetic truncated ES estimators (PES and
   NRES): the truncated step (given, or built from parts), ``trunc_length``, ``std``,
@@ -415,7 +367,7 @@ class AntitheticTruncatedEstimator(GradientEstimator):
   (``train_and_meta=True`` is ``meta_loss_split="outer_valid"``).
   """
 
-  @reference_form(_antithetic_reference_form)
+  @reference_forms.reference_form(reference_forms.antithetic_form)
   def __init__(self, truncated_step=None, trunc_length: int = 10, std: float = 0.01,
                steps_per_jit: Optional[int] = 10, stack_antithetic_samples: bool = True,
                sign_delta_loss_scalar: Optional[float] = None,

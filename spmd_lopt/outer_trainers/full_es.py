@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from spmd_lopt import inner_step
 from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import estimator_base
+from spmd_lopt.outer_trainers import reference_forms
 from spmd_lopt.outer_trainers import lopt_truncated_step
 from spmd_lopt.outer_trainers import truncation_schedule as truncation_schedule_lib
 
@@ -73,7 +74,7 @@ def _reference_form(task_family, learned_opt, num_tasks, unroll_length: int = 20
   """The reference's older ``FullES(task_family, learned_opt, num_tasks,
   unroll_length=20, ...)`` as keyword arguments of today's constructor: a never-ending
   truncated step and a constant ``unroll_length`` schedule."""
-  split = estimator_base.reference_meta_loss_split("FullES", train_and_meta,
+  split = reference_forms.reference_meta_loss_split("FullES", train_and_meta,
                                                    meta_loss_split)
   step = lopt_truncated_step.VectorizedLOptTruncatedStep(
       task_family, learned_opt, truncation_schedule_lib.NeverEndingTruncationSchedule(),
@@ -110,7 +111,7 @@ class FullES(estimator_base.WholeUnrollEstimator):
   ...]`` of ``recompute_split`` (``get_host_data`` draws both).
   """
 
-  @estimator_base.reference_form(_reference_form)
+  @reference_forms.reference_form(_reference_form)
   def __init__(self, truncated_step, truncation_schedule, std: float = 0.01,
                steps_per_jit: Optional[int] = 10, loss_type: str = "avg",
                recompute_samples: int = 50, recompute_split: str = "train",

@@ -26,6 +26,7 @@ import flax
 
 from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import estimator_base
+from spmd_lopt.outer_trainers import reference_forms
 from spmd_lopt.outer_trainers import lopt_truncated_step
 
 
@@ -45,7 +46,7 @@ def _reference_form(task_family, learned_opt, trunc_sched, num_tasks,
   if loss_type != "avg":
     raise ValueError(f"TruncatedGrad: loss_type must be 'avg' (the masked mean over the "
                      f"unroll), got {loss_type!r}.")
-  split = estimator_base.reference_meta_loss_split("TruncatedGrad", train_and_meta,
+  split = reference_forms.reference_meta_loss_split("TruncatedGrad", train_and_meta,
                                                    meta_loss_split)
   step = lopt_truncated_step.VectorizedLOptTruncatedStep(
       task_family, learned_opt, trunc_sched, num_tasks, meta_loss_split=split,
@@ -66,7 +67,7 @@ class TruncatedGrad(estimator_base.GradientEstimator):
   random_initial_iteration_offset=0)``.
   """
 
-  @estimator_base.reference_form(_reference_form)
+  @reference_forms.reference_form(_reference_form)
   def __init__(self, truncated_step, unroll_length: int = 20,
                steps_per_jit: Optional[int] = 10, use_remat: bool = False,
                clip_nan_loss_to_value: float = 20.0, remat_chunk: int = 10):
