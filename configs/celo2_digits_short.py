@@ -31,7 +31,7 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.name = "celo2_digits_short"
   c.seed = 0
-  c.outer_steps = 4000
+  c.outer_steps = 1100
   c.log_every = 20
   c.checkpoint_every = 100
   c.checkpoint_every_secs = 0.0
