@@ -203,6 +203,7 @@ atomicity.AtomicRenameTemporaryPath.finalize = _finalize
 """
 
 
+@pytest.mark.slow  # the kill campaign covers kills inside checkpoint writes; ~15 s
 def test_sigkill_mid_checkpoint_write_is_ignored(straight, tmp_path):
   """SIGKILL while step 10's checkpoint is written (data on disk, not finalised): the
   partial checkpoint never counts; the next launch resumes from step 5, removes the

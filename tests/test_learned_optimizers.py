@@ -193,6 +193,7 @@ def test_adafac_requires_num_steps():
     lopt.opt_fn(lopt.init(jax.random.key(0))).init(_params(jnp.float32))
 
 
+@pytest.mark.slow  # ~8 s; the reference-fixture test pins the default path
 def test_adafac_scalar_and_separate_paths_match_concat():
   theta = AdafacMLPLOpt().init(jax.random.key(3))
   # Non-zero biases and decay offsets so every weight matters.

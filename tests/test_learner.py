@@ -24,8 +24,10 @@ def _two_estimators(lopt, second_num_tasks=16):
                         family=quadratics.FixedDimQuadraticFamily(4))]
 
 
-@pytest.mark.parametrize("estimators_fn", [_one_estimator, _two_estimators],
-                         ids=["pes", "two_estimators"])
+@pytest.mark.parametrize("estimators_fn", [
+    _one_estimator,
+    # ~25 s; test_estimators checks every estimator kind on 1 and 8 devices by default
+    pytest.param(_two_estimators, marks=pytest.mark.slow)], ids=["pes", "two_estimators"])
 def test_same_numbers_on_1_and_8_devices(devices, estimators_fn):
   """One update from the same init: only the order of the float reductions differs."""
   results = {}

@@ -113,6 +113,7 @@ def test_bad_estimator_arguments_are_clear_errors():
     _step(num_tasks=0)
 
 
+@pytest.mark.slow  # ~9 s; the reference-form tests cover building from parts
 def test_pes_built_from_parts_equals_pes_built_from_a_step():
   lopt = mlp_lopt.MLPLOpt()
   fam = quadratics.FixedDimQuadraticFamily(4)
