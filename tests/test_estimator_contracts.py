@@ -216,7 +216,7 @@ def _ests(lopt):
   }
 
 
-@pytest.mark.parametrize("name", ["nres", "full_es",
+@pytest.mark.parametrize("name", [pytest.param("nres", marks=pytest.mark.slow), "full_es",
                                   pytest.param("pes", marks=pytest.mark.slow),
                                   pytest.param("tgrad", marks=pytest.mark.slow),
                                   pytest.param("full_grad", marks=pytest.mark.slow)])

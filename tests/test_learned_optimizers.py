@@ -67,9 +67,10 @@ def test_smoketest(name, dtype):
   assert int(s2.iteration) == 2
 
 
-# Celo2's vmapped compile is the costliest here (~40 s loaded); test_celo2 covers its jit.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "Celo2"
-                                  else n for n in LOPTS])
+# Celo2's vmapped compile is the costliest here (~40 s loaded; AdafacMLPLOpt ~6 s); test_celo2
+# and the learner tests cover their jit.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if n in ("Celo2", "AdafacMLPLOpt") else n for n in LOPTS])
 def test_jit_vmap_over_thetas(name):
   lopt = LOPTS[name]()
   keys = jax.random.split(jax.random.key(5), 4)

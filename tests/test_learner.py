@@ -86,6 +86,7 @@ def test_update_donates_old_state(devices):
   assert old_leaf.is_deleted()
 
 
+@pytest.mark.slow  # ~8 s; the CLI test and test_meta_training_sanity check learning too
 def test_meta_training_lowers_the_meta_loss():
   lrn = learner(1, lambda lopt: [pes_estimator(lopt, num_tasks=16, trunc_length=50,
                                                min_length=100, max_length=300,
