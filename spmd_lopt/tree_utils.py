@@ -162,3 +162,18 @@ def partition_unflatten(how_to_unflatten, groups):
   """Rebuild the tree that ``partition`` split."""
   treedef, where = how_to_unflatten
   return treedef.unflatten([groups[g][i] for g, i in where])
+
+
+def path_str(path) -> str:
+  """'/'-joined names of a jax key path (dict keys, attribute names, sequence indices):
+  ``{"params": {"Dense_0": {"bias": x}}}`` -> ``"params/Dense_0/bias"``. The form configs'
+  ``frozen`` and Celo2's ``regex_1d`` patterns match against."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)

@@ -20,6 +20,7 @@ import jax
 import optax
 
 from spmd_lopt.config import checks
+from spmd_lopt import tree_utils
 from spmd_lopt.optimizers import base as opt_base
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -37,22 +38,8 @@ _SCHEDULE_DEFAULTS = {"warmup_cosine": {"init_value": 0.0, "warmup_steps": 0},
                       "linear": {"end_value": 0.0}, "exponential": {"decay_rate": 0.5}}
 
 
-def path_str(path) -> str:
-  """'/'-joined names of a pytree key path: ``{"params": {"Dense_0": {"bias"}}}`` ->
-  ``"params/Dense_0/bias"``."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
 def theta_paths(theta) -> list[str]:
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(theta)[0]]
+  return [tree_utils.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(theta)[0]]
 
 
 def freeze(tx: optax.GradientTransformation, pattern: str) -> optax.GradientTransformation:
@@ -63,7 +50,7 @@ def freeze(tx: optax.GradientTransformation, pattern: str) -> optax.GradientTran
   def labels(params):
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     return jax.tree_util.tree_unflatten(
-        treedef, ["frozen" if regex.search(path_str(p)) else "train" for p, _ in flat])
+        treedef, ["frozen" if regex.search(tree_utils.path_str(p)) else "train" for p, _ in flat])
 
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 

@@ -45,6 +45,7 @@ import optax
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import common
 from spmd_lopt.learned_optimizers import reference_thetas
+from spmd_lopt import tree_utils
 from spmd_lopt.optimizers import base as opt_base
 
 F32 = jnp.float32
@@ -289,19 +290,6 @@ def scale_by_celo2(theta: Any, orthogonalize: bool = True) -> optax.GradientTran
 # ----------------------------------------------------------------------------- LearnedOptimizer
 
 
-def key_path(path) -> str:
-  """'/'-joined keys of a jax key path (dict keys, attribute names, sequence indices)."""
-  parts = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-    else:
-      parts.append(str(entry))
-  return "/".join(parts)
-
-
 @flax.struct.dataclass
 class Celo2State:
   """params; state: model state passed through; learned: ``Celo2Accumulators`` over the
@@ -345,7 +333,7 @@ class Celo2(lopt_base.LearnedOptimizer):
 
   def adam_mask(self, params) -> List[bool]:
     """Per flattened leaf: True when its '/'-joined key path matches ``regex_1d``."""
-    paths = [key_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [tree_utils.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if self.regex_1d is None:
       return [False] * len(paths)
     pattern = re.compile(self.regex_1d)
