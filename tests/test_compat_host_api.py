@@ -60,6 +60,17 @@ def _learner(**kw):
                                           **kw)
 
 
+def test_gradient_learner_takes_the_reference_arguments_in_order():
+  # The reference's positional order: meta_init, theta_opt, init_theta_from_path,
+  # init_outer_state_from_path, reset_outer_iteration, num_steps, init_seed.
+  lopt, opt = lopt_base.LearnableSGD(0.1), optax_opts.SGD(1.0)
+  learner = host_api.GradientLearner(lopt, opt, None, None, True, 12, 3)
+  assert learner.learned_optimizer is lopt and learner.theta_opt is opt
+  assert (learner.reset_outer_iteration, learner.num_steps, learner.init_seed) == (True, 12, 3)
+  with pytest.raises(TypeError):
+    host_api.GradientLearner(lopt)
+
+
 def test_init_theta_from_every_theta_file_format(tmp_path):
   lopt = lopt_base.LearnableSGD(0.1)
   theta = {"log_lr": jnp.asarray(-4.25, jnp.float32)}

@@ -370,3 +370,24 @@ def test_reference_names_and_defaults():
   assert pes.task_name() == "split_task"
   assert pes.cfg_name() == (getattr(lopt, "name", None) or type(lopt).__name__)
   assert _Bare().cfg_name() == "unnamed_cfg"
+
+
+def test_estimator_base_names_stay_importable():
+  # estimator_base was one module; it is a package now and every name it had must still
+  # resolve there, to the very object its new home defines.
+  from spmd_lopt.outer_trainers.estimator_base import (antithetic, arguments, interface,
+                                                       per_task, whole_unroll)
+  homes = {
+      interface: ["OuterState", "WorkerWeights", "UnrollInfo", "GradientEstimatorOut",
+                  "LocalEstimate", "GradientEstimator", "has_host_datasets", "MetaParams"],
+      per_task: ["sanitize_per_task", "finish_estimate", "per_task_grads"],
+      arguments: ["positive_int", "check_steps_per_jit", "check_step",
+                  "build_truncated_step"],
+      antithetic: ["pes_weights", "AntitheticTruncatedEstimator"],
+      whole_unroll: ["FullUnrollWorkerState", "check_never_ending", "whole_unroll_lengths",
+                     "sample_length", "WholeUnrollEstimator"],
+  }
+  for module, names in homes.items():
+    for name in names:
+      assert getattr(estimator_base, name) is getattr(module, name), name
+  assert sorted(estimator_base.__all__) == sorted(n for ns in homes.values() for n in ns)

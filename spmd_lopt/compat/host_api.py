@@ -20,6 +20,7 @@ schedule, so both paths agree; the reference splits the key instead).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -196,6 +197,7 @@ def _stack_mean(trees):
                       *trees)
 
 
+@dataclasses.dataclass(eq=False)
 class GradientLearner:
   """Holds theta's outer-optimizer state; ``update`` averages workers' gradients.
 
@@ -213,17 +215,16 @@ class GradientLearner:
     init_seed: if given, ``init`` ignores its key and uses ``jax.random.key(init_seed)``.
   """
 
-  def __init__(self, meta_init, theta_opt, init_theta_from_path: Optional[str] = None,
-               init_outer_state_from_path: Optional[str] = None,
-               reset_outer_iteration: bool = False, num_steps: Optional[int] = None,
-               init_seed: Optional[int] = None):
-    self.meta_init = meta_init
-    self.theta_opt = theta_opt
-    self.init_theta_from_path = init_theta_from_path
-    self.init_outer_state_from_path = init_outer_state_from_path
-    self.reset_outer_iteration = reset_outer_iteration
-    self.num_steps = num_steps
-    self.init_seed = init_seed
+  # The reference's constructor arguments, in its order (a dataclass: stored as given).
+  meta_init: Any
+  theta_opt: Any
+  init_theta_from_path: Optional[str] = None
+  init_outer_state_from_path: Optional[str] = None
+  reset_outer_iteration: bool = False
+  num_steps: Optional[int] = None
+  init_seed: Optional[int] = None
+
+  def __post_init__(self):
     self._jit_update = jax.jit(
         lambda s, g, l, ms: self.theta_opt.update(s, g, loss=l, model_state=ms))
 

@@ -39,6 +39,18 @@ def safe_rsqrt(x: jax.Array) -> jax.Array:
   return jax.lax.rsqrt(jnp.maximum(x, 1e-9))
 
 
+def _zeros_per_decay(params: Any, num_decays: int) -> Any:
+  """float32 zeros of shape ``p.shape + (num_decays,)`` for every leaf ``p``."""
+  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p) + (num_decays,), F32), params)
+
+
+def _ema(acc: Any, grad: Any, b: jax.Array, of_grad) -> Any:
+  """``a_k <- b_k a_k + (1 - b_k) of_grad(g)`` per leaf, for every decay ``b_k`` (the
+  trailing axis of ``a``); the one update behind momentum and RMS."""
+  return jax.tree.map(lambda a, g: b * a + (1.0 - b) * of_grad(jnp.asarray(g, F32))[..., None],
+                      acc, grad)
+
+
 # ----------------------------------------------------------------------------- momentum
 
 
@@ -50,8 +62,7 @@ class MomentumState:
 
 def momentum_init(params: Any, num_decays: int) -> MomentumState:
   """All-zero momenta, shape ``p.shape + (num_decays,)`` per leaf."""
-  return MomentumState(
-      m=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p) + (num_decays,), F32), params))
+  return MomentumState(m=_zeros_per_decay(params, num_decays))
 
 
 def momentum_update(state: MomentumState, grad: Any, decays, clip: bool = True
@@ -60,8 +71,7 @@ def momentum_update(state: MomentumState, grad: Any, decays, clip: bool = True
   decays as given (the reference's AdafacMLPLOpt does not clip its learned momentum
   decays, so a theta trained there may hold decays outside ``[0, 1]``)."""
   b = _decays(decays) if clip else jnp.asarray(decays, F32)
-  return MomentumState(m=jax.tree.map(
-      lambda m, g: b * m + (1.0 - b) * jnp.asarray(g, F32)[..., None], state.m, grad))
+  return MomentumState(m=_ema(state.m, grad, b, lambda g: g))
 
 
 # ----------------------------------------------------------------------------- RMS
@@ -75,16 +85,12 @@ class RMSState:
 
 def rms_init(params: Any, num_decays: int) -> RMSState:
   """All-zero second moments, shape ``p.shape + (num_decays,)`` per leaf."""
-  return RMSState(
-      v=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p) + (num_decays,), F32), params))
+  return RMSState(v=_zeros_per_decay(params, num_decays))
 
 
 def rms_update(state: RMSState, grad: Any, decays) -> RMSState:
   """``v_k <- b_k v_k + (1 - b_k) g^2`` for every decay ``b_k``."""
-  b = _decays(decays)
-  return RMSState(v=jax.tree.map(
-      lambda v, g: b * v + (1.0 - b) * jnp.square(jnp.asarray(g, F32))[..., None],
-      state.v, grad))
+  return RMSState(v=_ema(state.v, grad, _decays(decays), jnp.square))
 
 
 # ----------------------------------------------------------------------------- Adafactor

@@ -1,2 +1,3 @@
 """Outer training: truncation schedules, the vectorized truncated step, gradient
-estimators (one module each) and the learners that fuse them into one SPMD program."""
+estimators (one module each, on the shared ``estimator_base`` package) and the learners
+that fuse them into one SPMD program."""

@@ -119,9 +119,8 @@ class FullES(estimator_base.WholeUnrollEstimator):
                stack_antithetic_samples: bool = True,
                sign_delta_loss_scalar: Optional[float] = None,
                clip_nan_loss_to_value: float = 20.0, chunk_length: int = 10):
-    estimator_base.check_step("FullES", truncated_step)
-    estimator_base.check_never_ending("FullES", truncated_step)
-    estimator_base.check_steps_per_jit("FullES", steps_per_jit)
+    super().__init__(truncated_step, truncation_schedule, steps_per_jit, chunk_length,
+                     clip_nan_loss_to_value)
     if loss_type not in LOSS_TYPES:
       raise ValueError(f"FullES: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
     if not std > 0:
@@ -134,11 +133,6 @@ class FullES(estimator_base.WholeUnrollEstimator):
               and hasattr(truncated_step, "learned_opt")):
         raise ValueError("FullES(loss_type='last_recompute') needs a truncated step with "
                          "task_family and learned_opt (VectorizedLOptTruncatedStep).")
-    self.truncated_step = truncated_step
-    self.truncation_schedule = truncation_schedule
-    self.max_length, self.chunk_length = estimator_base.whole_unroll_lengths(
-        "FullES", truncation_schedule, chunk_length)
-    self.steps_per_jit = steps_per_jit
     self.std = float(std)
     self.loss_type = loss_type
     self.recompute_samples = int(recompute_samples)
@@ -146,7 +140,6 @@ class FullES(estimator_base.WholeUnrollEstimator):
     self.clip_loss_diff = clip_loss_diff
     self.stack_antithetic_samples = bool(stack_antithetic_samples)
     self.sign_delta_loss_scalar = sign_delta_loss_scalar
-    self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
 
   def get_host_data(self):
     batches = self.truncated_step.get_batch(self.max_length)

@@ -41,20 +41,13 @@ class FullGrad(estimator_base.WholeUnrollEstimator):
   def __init__(self, truncated_step, truncation_schedule, use_remat: bool = True,
                steps_per_jit: Optional[int] = 10, loss_type: str = "avg",
                clip_nan_loss_to_value: float = 20.0, chunk_length: int = 10):
-    estimator_base.check_step("FullGrad", truncated_step)
-    estimator_base.check_never_ending("FullGrad", truncated_step)
-    estimator_base.check_steps_per_jit("FullGrad", steps_per_jit)
+    super().__init__(truncated_step, truncation_schedule, steps_per_jit, chunk_length,
+                     clip_nan_loss_to_value)
     if loss_type not in ("avg", "min", "last"):
       raise ValueError("FullGrad: loss_type must be 'avg', 'min' or 'last', got "
                        f"{loss_type!r}.")
-    self.truncated_step = truncated_step
-    self.truncation_schedule = truncation_schedule
-    self.max_length, self.chunk_length = estimator_base.whole_unroll_lengths(
-        "FullGrad", truncation_schedule, chunk_length)
-    self.steps_per_jit = steps_per_jit
     self.use_remat = bool(use_remat)
     self.loss_type = loss_type
-    self.clip_nan_loss_to_value = float(clip_nan_loss_to_value)
 
   def estimate_local(self, theta, state, key, task_ids, outer_state, data=None):
     del state
