@@ -11,7 +11,10 @@ runs ``spmd_lopt.evaluation.suite.get_suite(--suite)`` (``quick`` or ``full``) f
 strict JSON), ``suite.md`` (the table, also printed), ``curves/<task>.png`` and
 ``summary.png`` (loss-ratio and speedup IQMs with 95% intervals). Finished runs are cached
 in ``<out>/cache``: rerunning after an interrupt continues where it stopped. A progress bar
-over tasks is shown on a terminal (``--progress`` forces it on or off).
+over tasks is shown on a terminal (``--progress`` forces it on or off). Each learned
+optimizer is reported as shipped (``LABEL``) and with its step multiplier tuned on the
+validation split (``LABEL+lr``, over ``--lopt_lr_mults``). ``--tasks`` and ``--horizons``
+run a part of the suite (the cache makes parts add up).
 
 Single-task mode::
 

@@ -45,6 +45,9 @@ def markdown_table(result: dict) -> str:
     for l in labels:
       m = t["metrics"][l]
       chosen = t["optimizers"].get(l, {}).get("best")  # a tuned learned row's multiplier
+      if chosen and chosen in (list(t["optimizers"][l]["runs"])[0],
+                               list(t["optimizers"][l]["runs"])[-1]):
+        chosen += " †"
       cells.append(f"{_fmt(np.median(np.asarray(m['loss_ratio'], float)))} / "
                    f"{_fmt(np.median(np.asarray(m['speedup'], float)))}"
                    + (f" ({chosen})" if chosen else ""))

@@ -10,6 +10,13 @@ everything the numbers depend on (task, steps, seeds, eval schedule, root seed, 
 optimizer and its hyper-parameters, a learned optimizer's class, config and a digest of
 theta), so a changed theta or grid is a new run, never a stale one.
 
+Every learned optimizer also runs with its step scaled by each multiplier of
+``suite.lopt_lr_mults`` (``lr_scaled.ScaledUpdateOptimizer``; x1 always), all multipliers
+of one theta in one program (theta stacked along the grid axis, like a baseline's grid
+points), each multiplier its own cache record. Its ``LABEL`` row is x1 (the optimizer as
+shipped); ``LABEL+lr`` is the multiplier with the lowest validation loss (mean over seeds),
+reported on the test split, exactly as the baselines are tuned.
+
 Per seed ``s`` and task, every optimizer sees the same task sample, init and batches
 (common random numbers); seeds come from ``fold_in(suite_key(seed), crc32(task name))``,
 so a task's numbers do not depend on which other tasks are in the suite.
@@ -17,7 +24,8 @@ so a task's numbers do not depend on which other tasks are in the suite.
 Result (``run_suite``'s return, the CLI's JSON): ``suite``, ``seeds``, ``seed``,
 ``eval_batches``, ``tasks`` ``{label: {name, steps, kind, eval_every, eval_step i[E],
 seconds, baselines {name: {best, runs {point label: curves}}}, optimizers {label:
-curves}, metrics {label: {loss_ratio f[S], speedup f[S], reached bool[S]}}}}``,
+curves (+ lr_mult; a ``+lr`` row also best and runs {x<m>: curves})}, metrics {label:
+{loss_ratio f[S], speedup f[S], reached bool[S]}}}}``,
 ``aggregates`` ``{label: {horizon ("all", and "@<steps>" when there are several):
 {loss_ratio, speedup: {iqm, ci_low, ci_high, n_tasks, n_seeds}, reached_fraction}}}``,
 ``stats`` ``{computed, cached}``. Curves:

@@ -49,8 +49,9 @@ ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 SGDM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 WEIGHT_DECAYS = (1e-2, 1e-1)
 # learned optimizers' step multipliers (Celo2's deployment: a learning rate tuned on top of
-# the rule), half decades around the shipped x1 as wide as the baselines' 9-point grids
-LOPT_LR_MULTS = (1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0)
+# the rule), half decades around the shipped x1; up to 1e3 because a rule meta-trained
+# with step_mult 1e-3 takes steps ~1e-3, and tuned Adam wants up to 0.1-1 on some tasks
+LOPT_LR_MULTS = (1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
 
 @dataclasses.dataclass(frozen=True)
