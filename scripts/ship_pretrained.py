@@ -7,7 +7,8 @@ optionally, an evaluation-suite result (``suite.json`` of ``python -m spmd_lopt.
 outer-step count, the training time, the config file that reproduces it and the suite's
 aggregates. ``resolve("pretrained:<name>")``, ``as_optax("pretrained:<name>")``,
 ``evaluate --lopt pretrained:<name>`` and ``--config.lopt.init_from=pretrained:<name>``
-then find it.
+then find it. A run that continued a shipped theta also records that parent and the
+total outer steps and wall time of the chain.
 
   python scripts/ship_pretrained.py --workdir runs/celo2_digits_short \\
       --name celo2_digits_short --reproduce configs/celo2_digits_short.py \\
@@ -29,10 +30,31 @@ def _read_json(path):
 
 
 def suite_aggregates(suite: dict, label: str) -> dict:
-  """The aggregate rows of ``label`` in a suite result (IQMs and intervals)."""
+  """The aggregate rows of ``label`` in a suite result (IQMs and intervals), and of its
+  learning-rate-tuned row ``label+lr`` when the suite has one."""
   agg = suite.get("aggregates", {})
-  return {"suite": suite.get("suite"), "label": label,
-          "aggregates": agg.get(label, agg)}
+  out = {"suite": suite.get("suite"), "label": label, "aggregates": agg.get(label, agg),
+         "tasks": sorted(suite.get("tasks", {}))}
+  if label + "+lr" in agg:
+    out["aggregates_lr_tuned"] = agg[label + "+lr"]
+  return out
+
+
+def lineage(config: dict, outer_steps: int, train_time_s: float) -> dict:
+  """For a run that started from a shipped theta (``lopt.init_from = pretrained:NAME``):
+  that parent and the totals over the chain (outer steps and wall time, the parent's
+  own totals included); empty for a run from a fresh init."""
+  init_from = config.get("lopt", {}).get("init_from", "")
+  if not init_from.startswith("pretrained:"):
+    return {}
+  name = init_from[len("pretrained:"):]
+  parent = ckpt_lib.load_parameter_checkpoint(
+      os.path.join(specs.PRETRAINED_DIR, name + ".lopt")).extra
+  return {"init_from": init_from,
+          "outer_steps_total": outer_steps + int(parent.get("outer_steps_total",
+                                                            parent["outer_steps"])),
+          "train_time_s_total": train_time_s + float(parent.get("train_time_s_total",
+                                                                parent["train_time_s"]))}
 
 
 def main():
@@ -60,6 +82,7 @@ def main():
       "meta_loss": {"start": summary["meta_loss_start"], "end": summary["meta_loss_end"],
                     "per_task": summary["per_family"]},
   }
+  extra.update(lineage(extra["config"], extra["outer_steps"], extra["train_time_s"]))
   if args.suite:
     extra["suite"] = suite_aggregates(_read_json(args.suite), args.suite_label or args.name)
   os.makedirs(args.out, exist_ok=True)

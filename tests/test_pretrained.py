@@ -39,6 +39,14 @@ def test_pretrained_loads_and_matches_its_metadata(name):
     if k in full["lopt"]:
       assert full["lopt"][k] == v, k
   assert extra["config"]["lopt"]["name"] == full["lopt"]["name"]
+  parent = extra["config"]["lopt"].get("init_from", "")
+  if parent.startswith("pretrained:"):  # a continued run: totals include its parent's
+    assert cfg.lopt.init_from == parent and extra["init_from"] == parent
+    up = checkpoint.load_parameter_checkpoint(os.path.join(
+        specs.PRETRAINED_DIR, parent[len("pretrained:"):] + ".lopt")).extra
+    assert extra["outer_steps_total"] == extra["outer_steps"] + up.get(
+        "outer_steps_total", up["outer_steps"])
+    assert extra["train_time_s_total"] > float(up["train_time_s"])
   same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), theta, ckpt.theta)
   assert all(jax.tree.leaves(same))
 

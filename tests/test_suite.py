@@ -1,12 +1,16 @@
 """The held-out suite runner (tuning, metrics, resumable cache) and its command line."""
 
+import dataclasses
 import json
 import os
+import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spmd_lopt.evaluation import lr_scaled
 from spmd_lopt.evaluation import metrics
 from spmd_lopt.evaluation import runner
 from spmd_lopt.evaluation import suite as S
@@ -16,12 +20,14 @@ from spmd_lopt.optimizers.base import Adam
 from helpers import run_module
 
 
-def _tiny_suite():
-  """One quadratic entry, 12 steps, 2 seeds, Adam over 3 rates: 4 runs with one lopt."""
+def _tiny_suite(lopt_lr_mults=()):
+  """One quadratic entry, 12 steps, 2 seeds, Adam over 3 rates: 4 runs with one lopt
+  (plus one per step multiplier other than 1)."""
   task = S.SuiteTask("NoisyQuadratic_10_cond1000", S.TASKS["NoisyQuadratic_10_cond1000"][0],
                      12, "other")
   adam = S.Baseline("Adam", Adam, ((1e-3,), (3e-2,), (3e-1,)), ("lr",))
-  return S.Suite("tiny", (task,), seeds=2, baselines=(adam,), eval_batches=2)
+  return S.Suite("tiny", (task,), seeds=2, baselines=(adam,), eval_batches=2,
+                 lopt_lr_mults=lopt_lr_mults)
 
 
 class _Interrupt(Exception):
@@ -79,6 +85,67 @@ def test_suite_runner_tunes_scores_and_resumes_from_its_cache(tmp_path):
   json.dumps(metrics.strict_json(fresh), allow_nan=False)
 
 
+def test_learned_optimizer_lr_tuning_picks_the_best_validation_multiplier(tmp_path):
+  suite = _tiny_suite(lopt_lr_mults=(0.1, 10.0))
+  lopt = LearnableAdam()
+  theta = lopt.init(jax.random.key(0))
+  res = runner.run_suite(suite, [("la", "init:learnable_adam", lopt, theta)], str(tmp_path),
+                         bootstrap_reps=50)
+  assert res["stats"] == {"computed": 6, "cached": 0}  # 3 Adam + x0.1, x1, x10
+  t = res["tasks"]["NoisyQuadratic_10_cond1000@12"]
+  tuned, plain = t["optimizers"]["la+lr"], t["optimizers"]["la"]
+  assert list(tuned["runs"]) == ["x0.1", "x1", "x10"]
+  valid = {k: r["final_valid_mean"] for k, r in tuned["runs"].items()}
+  assert tuned["best"] == min(valid, key=valid.get)
+  assert tuned["lr_mult"] == float(tuned["best"][1:])
+  assert len(set(valid.values())) == 3  # the multiplier changes the run
+  np.testing.assert_array_equal(tuned["test_loss"], tuned["runs"][tuned["best"]]["test_loss"])
+  assert set(res["aggregates"]) == {"la", "la+lr", "tuned Adam"}
+  # x1 inside the multiplier grid equals the learned optimizer's own (unwrapped) program
+  entry = suite.tasks[0]
+  keys = jax.random.split(jax.random.fold_in(
+      S.suite_key(0), zlib.crc32(entry.name.encode()) & 0x7FFFFFFF), suite.seeds)
+  own = runner._program(entry, lopt, suite.eval_batches)(
+      jax.tree.map(lambda x: x[None], theta), keys)
+  np.testing.assert_allclose(plain["test_loss"], np.asarray(own["eval/test/loss"])[0],
+                             rtol=1e-6)
+  assert plain["test_loss"] == tuned["runs"]["x1"]["test_loss"]
+  # one cache file per multiplier; a new grid reuses the multipliers it shares
+  assert len(list((tmp_path / "cache").rglob("*.json"))) == 6
+  again = runner.run_suite(dataclasses.replace(suite, lopt_lr_mults=(0.1,)),
+                           [("la", "s", lopt, theta)], str(tmp_path), bootstrap_reps=50)
+  assert again["stats"] == {"computed": 0, "cached": 5}
+
+
+def test_scaled_update_of_adam_is_adam_at_the_scaled_learning_rate():
+  lopt = LearnableAdam()
+  theta = lopt.init(jax.random.key(0))
+  params = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+  grads = [{"w": jnp.asarray(g)} for g in ([0.3, -1.0, 2.0], [0.1, 0.4, -0.2])]
+  for m in (0.1, 3.0):
+    scaled = lr_scaled.ScaledUpdateOptimizer(lopt.opt_fn(theta), m)
+    ref = lopt.opt_fn(dict(theta, log_lr=theta["log_lr"] + np.log(m)))
+    s1, s2 = scaled.init(params), ref.init(params)
+    for g in grads:
+      s1, s2 = scaled.update(s1, g), ref.update(s2, g)
+    np.testing.assert_allclose(scaled.get_params(s1)["w"], ref.get_params(s2)["w"],
+                               rtol=1e-5)
+
+
+def test_suite_select_and_multiplier_grid_errors():
+  full = S.get_suite("full")
+  part = S.select(full, ["TransformerLM_Copy8x8"], [300])
+  assert [e.label for e in part.tasks] == ["TransformerLM_Copy8x8@300"]
+  assert len(S.select(full, [], [1500]).tasks) == len(full.tasks) // 2
+  with pytest.raises(ValueError, match="has no task 'Nope'"):
+    S.select(full, ["Nope"])
+  with pytest.raises(ValueError, match="has no horizon 7"):
+    S.select(full, [], [7])
+  assert runner.lr_mult_grid((3.0, 0.1)) == (0.1, 1.0, 3.0)
+  with pytest.raises(ValueError, match="multipliers must be positive"):
+    runner.lr_mult_grid((0.0,))
+
+
 def _cli(args, timeout=900):
   return run_module("spmd_lopt.evaluate", args, timeout=timeout)
 
@@ -89,7 +156,8 @@ def _cli(args, timeout=900):
     (["--suite=quick", "--lopt=a=missing.lopt"], "checkpoint 'missing.lopt' does not exist"),
     (["--suite=quick", "--lopt=a=init:learnable_adam,a=init:nn_adam"], "labels must be"),
     (["--suite=quick", "--task=ImageMLP_Digits8_Relu32"], "exactly one of --suite"),
-], ids=["suite", "lopt_name", "lopt_path", "labels", "both_modes"])
+    (["--suite=full", "--horizons=300,x"], "--horizons must be a list of numbers"),
+], ids=["suite", "lopt_name", "lopt_path", "labels", "both_modes", "horizons"])
 def test_cli_bad_suite_or_lopt_is_one_line(tmp_path, args, message):
   proc = _cli([*args, f"--out={tmp_path}/out"], timeout=120)
   assert proc.returncode == 2, proc.stderr
@@ -109,7 +177,8 @@ def test_cli_quick_suite_writes_every_output_and_resumes(tmp_path):
   res = json.loads((out / "suite.json").read_text(),
                    parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
   assert set(res["tasks"]) == {t.label for t in S.get_suite("quick").tasks}
-  assert set(res["aggregates"]) == {"init", "tuned Adam", "tuned AdamW", "tuned SGDM"}
+  assert set(res["aggregates"]) == {"init", "init+lr", "tuned Adam", "tuned AdamW",
+                                    "tuned SGDM"}
   assert (out / "summary.png").stat().st_size > 5_000
   assert len(list((out / "curves").glob("*.png"))) == len(res["tasks"])
   assert "| optimizer | horizon |" in (out / "suite.md").read_text()

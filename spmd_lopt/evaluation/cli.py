@@ -11,7 +11,10 @@ runs ``spmd_lopt.evaluation.suite.get_suite(--suite)`` (``quick`` or ``full``) f
 strict JSON), ``suite.md`` (the table, also printed), ``curves/<task>.png`` and
 ``summary.png`` (loss-ratio and speedup IQMs with 95% intervals). Finished runs are cached
 in ``<out>/cache``: rerunning after an interrupt continues where it stopped. A progress bar
-over tasks is shown on a terminal (``--progress`` forces it on or off).
+over tasks is shown on a terminal (``--progress`` forces it on or off). Each learned
+optimizer is reported as shipped (``LABEL``) and with its step multiplier tuned on the
+validation split (``LABEL+lr``, over ``--lopt_lr_mults``). ``--tasks`` and ``--horizons``
+run a part of the suite (the cache makes parts add up).
 
 Single-task mode::
 
@@ -33,6 +36,7 @@ of that class with the shapes of ``NAME(**--lopt_args)``), or ``init:NAME`` (an 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -73,6 +77,14 @@ def _define_flags():
       "config.seed.")
   _FLAGS["suite"] = F.DEFINE_string(
       "suite", None, f"A held-out suite to run: {', '.join(suite_lib.SUITE_NAMES)}.")
+  _FLAGS["tasks"] = F.DEFINE_list(
+      "tasks", [], "Suite mode: only these task names of the suite (default: all).")
+  _FLAGS["horizons"] = F.DEFINE_list(
+      "horizons", [], "Suite mode: only these horizons (inner steps; default: all).")
+  _FLAGS["lopt_lr_mults"] = F.DEFINE_list(
+      "lopt_lr_mults", None, "Suite mode: multipliers of each learned optimizer's step "
+      "tried on top of x1, the best on the validation split reported as LABEL+lr "
+      f"(default: {','.join(f'{m:g}' for m in suite_lib.LOPT_LR_MULTS)}; empty: x1 only).")
   _FLAGS["progress"] = F.DEFINE_bool(
       "progress", None, "Progress bar over suite tasks (default: when stderr is a terminal).")
   _FLAGS["task"] = F.DEFINE_string(
@@ -236,12 +248,27 @@ def evaluate_main(lopt_entries, task: str, steps: int, seeds: int, adam_lrs, out
   return result
 
 
+def _numbers(flag: str, values, kind):
+  try:
+    return tuple(kind(v) for v in values)
+  except ValueError as e:
+    raise ValueError(f"--{flag} must be a list of numbers: {e}") from None
+
+
 def suite_main(suite_name: str, lopt_entries, out: str, lopt_args: str = "{}",
                expect: str = "", init_seed: int = 0, seed: int = 0,
-               progress: bool = False) -> dict[str, Any]:
+               progress: bool = False, tasks=(), horizons=(),
+               lopt_lr_mults=None) -> dict[str, Any]:
   """Suite mode without flags: runs (with the cache in ``out``), writes the files of the
-  module doc, returns the strict-JSON result with ``files`` and ``seconds`` added."""
-  suite = suite_lib.get_suite(suite_name)
+  module doc, returns the strict-JSON result with ``files`` and ``seconds`` added.
+  ``tasks``/``horizons`` select a part of the suite; ``lopt_lr_mults`` (None: the
+  suite's) are the learned optimizers' step multipliers."""
+  suite = suite_lib.select(suite_lib.get_suite(suite_name), tuple(tasks),
+                           _numbers("horizons", horizons, int))
+  if lopt_lr_mults is not None:
+    mults = _numbers("lopt_lr_mults", lopt_lr_mults, float)
+    runner.lr_mult_grid(mults)  # bad values fail here, before anything runs
+    suite = dataclasses.replace(suite, lopt_lr_mults=mults)
   lopts = _load_lopts(lopt_entries or [], lopt_args, expect, init_seed)
   labels = [l for l, *_ in lopts]
   if len(set(labels)) != len(labels):
@@ -284,7 +311,8 @@ def main(argv):
     progress = sys.stderr.isatty() if F["progress"] is None else F["progress"]
     try:
       result = suite_main(F["suite"], F["lopt"], F["out"], F["lopt_args"], F["expect"],
-                          F["init_seed"], F["seed"], progress)
+                          F["init_seed"], F["seed"], progress, F["tasks"], F["horizons"],
+                          F["lopt_lr_mults"])
     except (ValueError, TypeError, FileNotFoundError) as e:
       _fail(str(e))
     st = result["stats"]

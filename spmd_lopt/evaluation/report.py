@@ -33,8 +33,9 @@ def markdown_table(result: dict) -> str:
       lines.append(f"| {label} | {h} | {_agg(a['loss_ratio'])} | {_agg(a['speedup'])} | "
                    f"{100 * a['reached_fraction']:.0f}% |")
   labels = list(aggs)
-  lines += ["", "Per task: median over seeds of loss ratio / speedup; tuned Adam's final "
-            "test loss and learning rate († = at the edge of its grid).", "",
+  lines += ["", "Per task: median over seeds of loss ratio / speedup (a `+lr` row: with "
+            "its chosen step multiplier); tuned Adam's final test loss and learning rate "
+            "(† = at the edge of its grid).", "",
             "| task | tuned Adam (lr) | " + " | ".join(labels) + " |",
             "|---|---|" + "---|" * len(labels)]
   for tl, t in result["tasks"].items():
@@ -43,8 +44,13 @@ def markdown_table(result: dict) -> str:
     cells = []
     for l in labels:
       m = t["metrics"][l]
+      chosen = t["optimizers"].get(l, {}).get("best")  # a tuned learned row's multiplier
+      if chosen and chosen in (list(t["optimizers"][l]["runs"])[0],
+                               list(t["optimizers"][l]["runs"])[-1]):
+        chosen += " †"
       cells.append(f"{_fmt(np.median(np.asarray(m['loss_ratio'], float)))} / "
-                   f"{_fmt(np.median(np.asarray(m['speedup'], float)))}")
+                   f"{_fmt(np.median(np.asarray(m['speedup'], float)))}"
+                   + (f" ({chosen})" if chosen else ""))
     keys = list(adam["runs"])
     edge = " †" if adam["best"] in (keys[0], keys[-1]) else ""
     lines.append(f"| {tl} | {_fmt(best['final_test_mean'], 4)} ({adam['best']}{edge}) | "

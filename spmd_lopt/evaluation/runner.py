@@ -10,6 +10,13 @@ everything the numbers depend on (task, steps, seeds, eval schedule, root seed, 
 optimizer and its hyper-parameters, a learned optimizer's class, config and a digest of
 theta), so a changed theta or grid is a new run, never a stale one.
 
+Every learned optimizer also runs with its step scaled by each multiplier of
+``suite.lopt_lr_mults`` (``lr_scaled.ScaledUpdateOptimizer``; x1 always), all multipliers
+of one theta in one program (theta stacked along the grid axis, like a baseline's grid
+points), each multiplier its own cache record. Its ``LABEL`` row is x1 (the optimizer as
+shipped); ``LABEL+lr`` is the multiplier with the lowest validation loss (mean over seeds),
+reported on the test split, exactly as the baselines are tuned.
+
 Per seed ``s`` and task, every optimizer sees the same task sample, init and batches
 (common random numbers); seeds come from ``fold_in(suite_key(seed), crc32(task name))``,
 so a task's numbers do not depend on which other tasks are in the suite.
@@ -17,7 +24,8 @@ so a task's numbers do not depend on which other tasks are in the suite.
 Result (``run_suite``'s return, the CLI's JSON): ``suite``, ``seeds``, ``seed``,
 ``eval_batches``, ``tasks`` ``{label: {name, steps, kind, eval_every, eval_step i[E],
 seconds, baselines {name: {best, runs {point label: curves}}}, optimizers {label:
-curves}, metrics {label: {loss_ratio f[S], speedup f[S], reached bool[S]}}}}``,
+curves (+ lr_mult; a ``+lr`` row also best and runs {x<m>: curves})}, metrics {label:
+{loss_ratio f[S], speedup f[S], reached bool[S]}}}}``,
 ``aggregates`` ``{label: {horizon ("all", and "@<steps>" when there are several):
 {loss_ratio, speedup: {iqm, ci_low, ci_high, n_tasks, n_seeds}, reached_fraction}}}``,
 ``stats`` ``{computed, cached}``. Curves:
@@ -29,6 +37,7 @@ baseline (``Adam`` itself has ratio and speedup 1 by construction).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -42,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spmd_lopt.evaluation import lr_scaled
 from spmd_lopt.evaluation import metrics
 from spmd_lopt.evaluation import suite as suite_lib
 from spmd_lopt.evaluation import training
@@ -76,25 +86,64 @@ class RunCache:
     return os.path.join(self.root, task_label.replace("/", "_"), digest + ".json")
 
   def get_or_run(self, task_label: str, desc: dict, compute: Callable[[], dict]) -> dict:
+    return self.get_or_run_many(task_label, [desc], lambda: [compute()])[0]
+
+  def get_or_run_many(self, task_label: str, descs: Sequence[dict],
+                      compute_all: Callable[[], Sequence[dict]]) -> list[dict]:
+    """Runs computed together (one program for a grid): cached ones are read; if any is
+    missing, ``compute_all()`` (one record per desc) runs once and every record is
+    stored under its own desc."""
+    found = [self._read(task_label, d) for d in descs]
+    if all(f is not None for f in found):
+      self.cached += len(found)
+      return found
+    recs = [metrics.strict_json(r) for r in compute_all()]
+    self.computed += len(recs)
+    for d, r in zip(descs, recs):
+      self._write(task_label, d, r)
+    return recs
+
+  def _read(self, task_label: str, desc: dict) -> Optional[dict]:
     path = self._path(task_label, desc)
-    if path is not None and os.path.exists(path):
-      try:
-        with open(path) as f:
-          rec = json.load(f)
-        if rec.get("desc") == json.loads(json.dumps(desc)):
-          self.cached += 1
-          return rec["curves"]
-      except (OSError, ValueError):
-        pass  # a file cut short by an interrupt: recompute it
-    curves = metrics.strict_json(compute())
-    self.computed += 1
-    if path is not None:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = path + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump({"desc": desc, "curves": curves}, f, allow_nan=False)
-      os.replace(tmp, path)  # atomic: a reader never sees half a run
-    return curves
+    if path is None or not os.path.exists(path):
+      return None
+    try:
+      with open(path) as f:
+        rec = json.load(f)
+    except (OSError, ValueError):
+      return None  # a file cut short by an interrupt: recompute it
+    return rec["curves"] if rec.get("desc") == json.loads(json.dumps(desc)) else None
+
+  def _write(self, task_label: str, desc: dict, curves: dict) -> None:
+    path = self._path(task_label, desc)
+    if path is None:
+      return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"desc": desc, "curves": curves}, f, allow_nan=False)
+    os.replace(tmp, path)  # atomic: a reader never sees half a run
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedLRGrid:
+  """A learned optimizer whose hyper-parameters are ``(theta, lr multiplier)``: grid point
+  ``(theta, m)`` is ``ScaledUpdateOptimizer(lopt.opt_fn(theta), m)``, so every multiplier
+  of one theta runs in one vmapped program (theta stacked along the grid axis)."""
+  lopt: Any
+
+  def make(self, theta, multiplier):
+    return lr_scaled.ScaledUpdateOptimizer(self.lopt.opt_fn(theta, is_training=False),
+                                           multiplier)
+
+
+def lr_tuned_label(label: str) -> str:
+  """The label of ``label``'s learning-rate-tuned row."""
+  return f"{label}+lr"
+
+
+def lr_mult_label(m: float) -> str:
+  return f"x{m:g}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,11 +153,12 @@ def _family(entry: suite_lib.SuiteTask):
 
 @functools.lru_cache(maxsize=64)
 def _program(entry: suite_lib.SuiteTask, optimizer, eval_batches: int):
-  """The jitted ``(hparams[1, ...], keys[S]) -> curves`` of ``optimizer`` (a ``Baseline``:
-  hparams are a grid point; a learned optimizer: hparams are theta) on ``entry``; cached,
+  """The jitted ``(hparams[H, ...], keys[S]) -> curves`` of ``optimizer`` (a ``Baseline``:
+  hparams are a grid point; a ``LearnedLRGrid``: ``(theta, multiplier)``; a learned
+  optimizer: hparams are theta) on ``entry``; cached,
   so later suite runs in the same process (a resumed one, another theta) reuse it."""
   def make_opt(h):
-    if isinstance(optimizer, suite_lib.Baseline):
+    if isinstance(optimizer, (suite_lib.Baseline, LearnedLRGrid)):
       return optimizer.make(*h)
     return optimizer.opt_fn(h, is_training=False)
 
@@ -116,9 +166,9 @@ def _program(entry: suite_lib.SuiteTask, optimizer, eval_batches: int):
                           eval_batches, SPLITS))
 
 
-def _curves_to_record(curves: dict, eval_every: int) -> dict:
-  """Device curves of one run ([1, S, ...]) -> the stored record (lists)."""
-  c = {k: np.asarray(v)[0] for k, v in curves.items()}
+def _curves_to_record(curves: dict, eval_every: int, index: int = 0) -> dict:
+  """Device curves of grid point ``index`` ([H, S, ...]) -> the stored record (lists)."""
+  c = {k: np.asarray(v)[index] for k, v in curves.items()}
   train = c["train/loss"]
   e = train.shape[1] // eval_every
   blocks = [train[:, i * eval_every:(i + 1) * eval_every].mean(1) for i in range(e)]
@@ -167,6 +217,11 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
   reserved = {b.name for b in suite.baselines} & set(labels)
   if reserved:
     raise ValueError(f"learned optimizer labels {sorted(reserved)} clash with baselines.")
+  mults = lr_mult_grid(suite.lopt_lr_mults)
+  tuned = [lr_tuned_label(l) for l in labels] if len(mults) > 1 else []
+  if set(tuned) & set(labels):
+    raise ValueError(f"learned optimizer labels {sorted(set(tuned) & set(labels))} clash "
+                     "with the learning-rate-tuned rows of others.")
   cache = RunCache(out_dir)
   root = suite_lib.suite_key(seed)
   lopt_meta = [(label, spec, lopt, theta, {
@@ -199,6 +254,23 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
       return [cache.get_or_run(entry.label, {**base_desc, **d},
                                lambda p=p: compute(p)) for p, d in zip(points, descs)]
 
+    def run_lr_grid(lopt, theta, mults, descs, entry=entry, keys=keys, base_desc=base_desc):
+      # every multiplier of one theta in one program: theta stacked along the grid axis
+      grid = LearnedLRGrid(lopt)
+      point = (jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (len(mults),)
+                                                       + jnp.shape(x)), theta),
+               jnp.asarray(mults, jnp.float32))
+
+      def compute_all():
+        curves = jax.device_get(_program(entry, grid, suite.eval_batches)(point, keys))
+        out = [_curves_to_record(curves, entry.eval_every, i) for i in range(len(mults))]
+        if on_run is not None:
+          on_run(cache.computed + len(out))
+        return out
+
+      return cache.get_or_run_many(entry.label, [{**base_desc, **d} for d in descs],
+                                   compute_all)
+
     baselines_out = {}
     for b in suite.baselines:
       points = [jnp.asarray([pt], jnp.float32) for pt in b.grid]
@@ -209,10 +281,16 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
       baselines_out[b.name] = {"best": best, "runs": runs}
     opts_out = {}
     for label, spec, lopt, theta, meta in lopt_meta:
-      rec, = run_all(lopt, [jax.tree.map(lambda x: jnp.asarray(x)[None], theta)],
-                     [{"optimizer": "learned", **meta}])
-      opts_out[label] = {"spec": spec, "lopt_class": meta["class"],
-                         "lopt_config": meta["config"], **rec}
+      recs = run_lr_grid(lopt, theta, mults, [{"optimizer": "learned", **meta,
+                                               "lr_mult": m} for m in mults])
+      runs = {lr_mult_label(m): r for m, r in zip(mults, recs)}
+      info = {"spec": spec, "lopt_class": meta["class"], "lopt_config": meta["config"]}
+      opts_out[label] = {**info, "lr_mult": 1.0, **runs[lr_mult_label(1.0)]}
+      if len(mults) > 1:
+        best = min(runs, key=lambda k: _score(runs[k]))
+        opts_out[lr_tuned_label(label)] = {
+            **info, "lr_mult": mults[list(runs).index(best)], **runs[best],
+            "best": best, "runs": runs}
     eval_step = training.eval_step_schedule(entry.steps, entry.eval_every)
     adam_name = suite.baselines[0].name
     adam = baselines_out[adam_name]["runs"][baselines_out[adam_name]["best"]]
@@ -236,6 +314,16 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
           "tasks": tasks_out,
           "aggregates": aggregates(tasks_out, reps=bootstrap_reps, seed=seed),
           "stats": {"computed": cache.computed, "cached": cache.cached}}
+
+
+def lr_mult_grid(mults: Sequence[float]) -> tuple[float, ...]:
+  """The multipliers a learned optimizer runs with: ``mults`` sorted, with 1 (the shipped
+  step) always included; positive and finite, else ValueError."""
+  out = sorted({float(m) for m in mults} | {1.0})
+  if any(not (math.isfinite(m) and m > 0) for m in out):
+    raise ValueError(f"learning-rate multipliers must be positive and finite, got "
+                     f"{list(mults)}.")
+  return tuple(out)
 
 
 def aggregates(tasks_out: dict, reps: int = 2000, seed: int = 0) -> dict:

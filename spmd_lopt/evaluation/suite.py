@@ -22,7 +22,9 @@ with momentum and AdamW at one weight decay (0.01).
 Baselines (tuned per task on the validation split's final loss, mean over seeds; a
 diverged run counts as ``+inf``): ``Adam`` over ``ADAM_LRS`` (9 points, 1e-4 .. 1,
 half-decade steps), ``AdamW`` over ``ADAM_LRS`` x ``WEIGHT_DECAYS``, ``SGDM`` (momentum
-0.9) over ``SGDM_LRS`` (the same 9 points).
+0.9) over ``SGDM_LRS`` (the same 9 points). Every learned optimizer runs as shipped (x1)
+and with its step scaled by each of ``LOPT_LR_MULTS`` (``lr_scaled``), the multiplier
+chosen the same way (its tuned row).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ VALID_SPLIT, TEST_SPLIT = "inner_valid", "test"
 ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 SGDM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 WEIGHT_DECAYS = (1e-2, 1e-1)
+# learned optimizers' step multipliers (Celo2's deployment: a learning rate tuned on top of
+# the rule), half decades around the shipped x1; up to 1e3 because a rule meta-trained
+# with step_mult 1e-3 takes steps ~1e-3, and tuned Adam wants up to 0.1-1 on some tasks
+LOPT_LR_MULTS = (1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +168,8 @@ class Suite:
   seeds: int
   baselines: tuple[Baseline, ...]
   eval_batches: int = 5
+  # every learned optimizer also runs at these multipliers of its step (x1 always runs)
+  lopt_lr_mults: tuple[float, ...] = LOPT_LR_MULTS
 
 
 def _entries(names, horizons):
@@ -187,6 +195,25 @@ def get_suite(name: str) -> Suite:
   if name not in suites:
     raise ValueError(f"unknown suite {name!r}; known: {', '.join(suites)}.")
   return suites[name]
+
+
+def select(suite: Suite, tasks: Sequence[str] = (), horizons: Sequence[int] = ()) -> Suite:
+  """``suite`` restricted to the task names in ``tasks`` and the step counts in
+  ``horizons`` (empty: all); an unknown name or horizon, or an empty result, is a
+  ValueError. Cached runs are shared, so subsets run in pieces add up to the whole."""
+  names = {e.name for e in suite.tasks}
+  steps = {e.steps for e in suite.tasks}
+  bad = [t for t in tasks if t not in names]
+  if bad:
+    raise ValueError(f"suite {suite.name!r} has no task {bad[0]!r}; its tasks: "
+                     f"{', '.join(sorted(names))}.")
+  bad_h = [h for h in horizons if h not in steps]
+  if bad_h:
+    raise ValueError(f"suite {suite.name!r} has no horizon {bad_h[0]}; its horizons: "
+                     f"{', '.join(str(h) for h in sorted(steps))}.")
+  kept = tuple(e for e in suite.tasks if (not tasks or e.name in tasks)
+               and (not horizons or e.steps in horizons))
+  return dataclasses.replace(suite, tasks=kept)
 
 
 def suite_key(seed: int = 0) -> jax.Array:
