@@ -10,7 +10,10 @@ to its own core. Every process times the same jitted steps, interleaved over ``-
   process's device, with NO collective;
 - ``mesh_psum``: ``mesh`` + one ``psum`` of a 1,762-float vector at the end (the library's
   step: per-device work, one all-reduce of a theta-sized meta-gradient);
-- ``psum``: the ``psum`` alone.
+- ``psum``: the ``psum`` alone;
+- ``mesh_psum_tree``, ``psum_tree``: the same floats (+ a scalar) psum'ed as a 7-leaf pytree
+  (MLPLOpt's theta leaves + a loss): XLA makes it one tuple all-reduce, and its CPU runtime
+  calls gloo once per operand, so this costs ~7 flat ``psum`` latencies.
 
 Three run modes (``--modes``): ``one`` (a single process, no ``jax.distributed``),
 ``independent`` (N single processes at once, no ``jax.distributed``: the cores'
@@ -55,7 +58,8 @@ def _child(args) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   if args.async_dispatch is not None:
     jax.config.update("jax_cpu_enable_async_dispatch", args.async_dispatch == "true")
@@ -212,8 +216,8 @@ def _launch(knobs: dict, mode: str, base: argparse.Namespace, tmp: str) -> list[
 
 
 def _summary(recs: list[dict]) -> list[dict]:
-  """Median and min per (knobs, mode, variant, length) over processes and rounds; for
-  ``spmd``/``independent`` the slowest process's median (the step waits for it)."""
+  """Median and min per (knobs, mode, variant, length) over every process, repeat and
+  round, plus each process's own median (one per process and repeat)."""
   groups: dict = {}
   for r in recs:
     groups.setdefault((r["knobs"], r["mode"], r["variant"], r["length"]), []).append(r)
