@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from spmd_lopt.bench import cost_model
 from spmd_lopt.bench import stats
 from spmd_lopt.bench import workloads
@@ -27,12 +29,21 @@ def time_calls(call, state, keys, warmup: int, repeats: int, min_time_s: float =
   jax.block_until_ready(state)
   times = []
   i = warmup
-  while i < len(keys) and (len(times) < repeats or sum(times) < min_time_s):
+  limit = len(keys)
+  while i < limit and (len(times) < repeats or sum(times) < min_time_s):
     t0 = time.perf_counter()
     state = call(state, keys[i])
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
     i += 1
+    if jax.process_count() > 1 and len(times) == 1:
+      # Every process must make the same number of calls (each holds a collective that
+      # waits for all): process 0's first timing fixes the count for all of them.
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      want = max(repeats, int(min_time_s / max(times[0], 1e-6)) + 1)
+      limit = warmup + int(multihost_utils.broadcast_one_to_all(np.int32(want)))
+      limit = min(limit, len(keys))
+      repeats, min_time_s = limit - warmup, float("inf")
   return state, times
 
 
