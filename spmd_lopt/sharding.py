@@ -158,3 +158,29 @@ def check_tasks_axis_only(mesh: Mesh, spec: str = "", axis_name: str = DEFAULT_A
     raise ValueError(
         f"--mesh {spec or dict(mesh.shape)!r}: axis/axes {extra} would only replicate "
         f"every task (nothing is sharded over them yet); use --mesh {axis_name}={total}.")
+
+
+def pmean_packed(tree, axis_name, reduce=jax.lax.pmean):
+  """``reduce`` (``lax.pmean``/``lax.psum``) of every leaf of ``tree`` over ``axis_name``,
+  as one collective per dtype: the leaves of a dtype are raveled and concatenated into one
+  vector ``[sum of sizes]``, reduced, and split back into their shapes.
+
+  Why: XLA's CPU runtime runs each operand of a (tuple) all-reduce as its own cross-process
+  collective, and one gloo collective costs a fixed latency of about 4 ms on a 2-core VM,
+  so reducing leaf by leaf cost 8 of them per estimator and step with MLPLOpt (6 theta
+  leaves, the loss, the counts; ``scripts/repro_two_process.py``). Elementwise the sums are
+  the same, and so are the numbers.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  groups: dict = {}
+  for i, x in enumerate(leaves):
+    groups.setdefault(jnp.result_type(x), []).append(i)
+  out = list(leaves)
+  for idx in groups.values():
+    flat = reduce(jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]), axis_name)
+    start = 0
+    for i in idx:
+      size = int(jnp.size(leaves[i]))
+      out[i] = flat[start:start + size].reshape(jnp.shape(leaves[i]))
+      start += size
+  return jax.tree.unflatten(treedef, out)

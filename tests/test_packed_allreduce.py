@@ -15,7 +15,6 @@ from jax.sharding import PartitionSpec as P
 
 from spmd_lopt import sharding
 from spmd_lopt.learned_optimizers import base as lopt_base
-from spmd_lopt.outer_trainers import gradient_learner
 
 import helpers
 
@@ -39,8 +38,8 @@ def test_pmean_packed_equals_per_leaf_reductions(devices):
 
   def body(t):
     t = jax.tree.map(lambda x: x[0], t)  # this device's block, leading axis dropped
-    packed = gradient_learner.pmean_packed({k: v for k, v in t.items() if k != "n"}, "tasks")
-    packed["n"] = gradient_learner.pmean_packed(t["n"], "tasks", jax.lax.psum)
+    packed = sharding.pmean_packed({k: v for k, v in t.items() if k != "n"}, "tasks")
+    packed["n"] = sharding.pmean_packed(t["n"], "tasks", jax.lax.psum)
     per_leaf = {k: jax.lax.pmean(v, "tasks") for k, v in t.items() if k != "n"}
     per_leaf["n"] = jax.lax.psum(t["n"], "tasks")
     return packed, per_leaf

@@ -7,7 +7,7 @@
    ``spmd_lopt.sharding``);
 2. per estimator, the meta-gradient and meta-loss are averaged over devices with
    ``lax.pmean`` (non-finite per-task values were already replaced, and counted), all
-   estimators' leaves packed into one vector per dtype (``pmean_packed``);
+   estimators' leaves packed into one vector per dtype (``sharding.pmean_packed``);
 3. ``grad = mean over estimators``, ``loss = mean over estimators`` (the reference's
    aggregation), then the replicated outer-optimizer update ``theta_opt.update``.
 
@@ -47,32 +47,6 @@ from spmd_lopt.outer_trainers.estimator_base import (  # noqa: F401
     GradientEstimator, GradientEstimatorOut, OuterState, UnrollInfo, WorkerWeights)
 
 MetaParams = Any
-
-
-def pmean_packed(tree, axis_name, reduce=jax.lax.pmean):
-  """``reduce`` (``lax.pmean``/``lax.psum``) of every leaf of ``tree`` over ``axis_name``,
-  as one collective per dtype: the leaves of a dtype are raveled and concatenated into one
-  vector ``[sum of sizes]``, reduced, and split back into their shapes.
-
-  Why: XLA's CPU runtime runs each operand of a (tuple) all-reduce as its own cross-process
-  collective, and one gloo collective costs a fixed latency of about 4 ms on a 2-core VM,
-  so reducing leaf by leaf cost 8 of them per estimator and step with MLPLOpt (6 theta
-  leaves, the loss, the counts; ``scripts/repro_two_process.py``). Elementwise the sums are
-  the same, and so are the numbers.
-  """
-  leaves, treedef = jax.tree.flatten(tree)
-  groups: dict = {}
-  for i, x in enumerate(leaves):
-    groups.setdefault(jnp.result_type(x), []).append(i)
-  out = list(leaves)
-  for idx in groups.values():
-    flat = reduce(jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]), axis_name)
-    start = 0
-    for i in idx:
-      size = int(jnp.size(leaves[i]))
-      out[i] = flat[start:start + size].reshape(jnp.shape(leaves[i]))
-      start += size
-  return jax.tree.unflatten(treedef, out)
 
 
 @flax.struct.dataclass
@@ -242,9 +216,10 @@ class SpmdGradientLearner:
         losses.append(res.loss)
         nonfinite.append(jnp.stack([res.nonfinite, res.nonfinite_entries]))
       # Averaged (grads, losses) and [tasks, entries] with non-finite values, summed over
-      # the mesh: one all-reduce per dtype for all estimators together (see pmean_packed).
-      grads, losses = pmean_packed((tuple(grads), jnp.stack(losses)), ax)
-      nonfinite = pmean_packed(jnp.stack(nonfinite), ax, jax.lax.psum)
+      # the mesh: one all-reduce per dtype for all estimators together
+      # (see sharding.pmean_packed).
+      grads, losses = sharding.pmean_packed((tuple(grads), jnp.stack(losses)), ax)
+      nonfinite = sharding.pmean_packed(jnp.stack(nonfinite), ax, jax.lax.psum)
       return tuple(new_states), grads, losses, nonfinite
 
     return jax.shard_map(
