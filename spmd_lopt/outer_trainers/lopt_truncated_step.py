@@ -150,7 +150,7 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
   # --- one task ---------------------------------------------------------------------
 
   def _init_one(self, theta, key, outer_state, with_offset: bool, num_steps=None):
-    k_param, k_init, k_trunc, k_opt, k_offset = threefry.split(key, 5)
+    k_param, k_init, k_trunc, k_opt, k_offset = jax.random.split(key, 5)
     task_param = self.task_family.sample(k_param)
     task = self.task_family.task_fn(task_param)
     params, model_state = task.init_with_state(k_init)
@@ -171,7 +171,7 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
 
   def _train_one(self, theta, state: TruncatedUnrollState, key, data=None):
     # Separate streams: the meta-loss batch of a split must not repeat the training draw.
-    k_data, k_train, k_meta = threefry.split(key, 3)
+    k_data, k_train, k_meta = jax.random.split(key, 3)
     task = self.task_family.task_fn(state.task_param)
     opt = self.learned_opt.opt_fn(theta, is_training=True)
     train_batch, meta_batch = data, None
@@ -208,7 +208,8 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     pass the length they draw (an int or a traced int32 scalar).
     """
     task_ids = self._task_ids(task_ids)
-    keys = threefry.fold_in(key, task_ids)
+    key = threefry.as_unrolled(key)  # same bits, no rolled hash loops on CPU
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
     init = lambda th, k: self._init_one(th, k, outer_state, with_offset=True,
                                         num_steps=num_steps_override)
     return jax.vmap(init, in_axes=(0 if theta_is_vector else None, 0))(theta, keys)
@@ -223,11 +224,12 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     pair ``(train_batch, meta_batch)``, as ``get_batch`` returns it.
     """
     task_ids = self._task_ids(task_ids)
-    keys = threefry.fold_in(key, task_ids)
+    key = threefry.as_unrolled(key)  # same bits, no rolled hash loops on CPU
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
     th_axis = 0 if theta_is_vector else None
-    k_step = threefry.fold_in(keys, 0)
-    k_reset = threefry.fold_in(keys, 1)
-    k_sched = threefry.fold_in(keys, 2)
+    k_step = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+    k_reset = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    k_sched = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
     data = data if _has_leaves(data) else None
 
     trained, loss = jax.vmap(self._train_one, in_axes=(th_axis, 0, 0, 0))(
@@ -262,11 +264,12 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     ``[num_steps, tasks, ...]`` (the reference's ``datas_list`` path, see ``get_batch``).
     """
     task_ids = self._task_ids(task_ids)
+    key = threefry.as_unrolled(key)  # same bits, no rolled hash loops on CPU
     data = data if _has_leaves(data) else None
 
     def body(state, xs):
       step, batch = xs
-      return self.unroll_step(theta, state, threefry.fold_in(key, step), data=batch,
+      return self.unroll_step(theta, state, jax.random.fold_in(key, step), data=batch,
                               outer_state=outer_state, theta_is_vector=theta_is_vector,
                               task_ids=task_ids)
 
@@ -302,7 +305,8 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     device): normalised loss, or the aux value ``meta_loss_with_aux_key``."""
     del outer_state
     task_ids = self._task_ids(task_ids)
-    keys = threefry.fold_in(key, task_ids)
+    key = threefry.as_unrolled(key)  # same bits, no rolled hash loops on CPU
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
     data = data if _has_leaves(data) else None
     aux_key = self.meta_loss_with_aux_key
 
