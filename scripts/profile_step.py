@@ -12,16 +12,20 @@ prints for each version:
 
 - XLA's cost analysis of the compiled ``update`` (FLOPs and bytes accessed, loop bodies
   counted once, as XLA does) and ``memory_analysis`` (temporaries, arguments);
-- op counts of the optimized HLO: top-level instructions of each ``while`` body (on CPU
-  each is one thunk the runtime dispatches per iteration; the largest is the truncation's
-  inner step) and, inside them, fusions, dots, custom-calls and conditionals;
-- with ``--reps``: the step time, versions alternated call by call (A B A B ...), the
-  medians and the median of the pairwise ratios old / new.
+- executed ops per inner step: the top-level HLO instructions of the truncation scan's
+  body (on CPU each is one runtime thunk), a nested ``while`` counted ``trip count`` times
+  and a ``conditional`` (the reset branch) by its larger branch;
+- with ``--reps``: the step time, versions alternated call by call (A B A B ...): medians
+  of wall time and of process CPU time (less sensitive to other jobs on a loaded machine)
+  and the medians of the pairwise ratios old / new.
 
 ``--baseline_rev REV`` loads ``mlp_lopt.py``, ``lopt_truncated_step.py``,
 ``truncated_pes.py`` and ``inner_step.py`` as they were at git revision ``REV`` and builds
 the same learner from them (the old classes swapped onto freshly built objects), so both
-versions run in one process on the same machine load.
+versions run in one process on the same machine load. The learner itself (and so its
+compiler options, ``spmd_lopt.xla_options``) is the current one for both.
+``--options k=v,...`` adds a version compiled with extra XLA compiler options;
+``--unrolled_threefry`` one compiled with jax's non-CPU (unrolled) threefry lowering.
 """
 
 from __future__ import annotations
@@ -69,17 +73,17 @@ class unrolled_threefry:  # pylint: disable=invalid-name
   instead of its CPU rule (a rolled 5-trip ``while`` loop). Experiment only (private
   jax API)."""
 
+  # pylint: disable=import-outside-toplevel,protected-access
   def __enter__(self):
-    from jax._src.interpreters import mlir  # pylint: disable=import-outside-toplevel
-    from jax._src.random import threefry2x32 as tf  # pylint: disable=import-outside-toplevel
+    from jax._src.interpreters import mlir
+    from jax._src.random import threefry2x32 as tf
     self._mlir, self._tf = mlir, tf
-    mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule,  # pylint: disable=protected-access
+    mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule,
                            platform="cpu")
 
   def __exit__(self, *exc):
     self._mlir.register_lowering(self._tf.threefry2x32_p,
-                                 self._tf._threefry2x32_cpu_lowering_rule,  # pylint: disable=protected-access
-                                 platform="cpu")
+                                 self._tf._threefry2x32_cpu_lowering_rule, platform="cpu")
 
 
 def load_old_modules(rev: str):
