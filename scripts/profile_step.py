@@ -25,7 +25,9 @@ the same learner from them (the old classes swapped onto freshly built objects),
 versions run in one process on the same machine load. The learner itself (and so its
 compiler options, ``spmd_lopt.xla_options``) is the current one for both.
 ``--options k=v,...`` adds a version compiled with extra XLA compiler options;
-``--unrolled_threefry`` one compiled with jax's non-CPU (unrolled) threefry lowering.
+``--unrolled_threefry`` one compiled with jax's non-CPU (unrolled) threefry lowering;
+``--baseline_without_options`` compiles the old version without those options (with
+``--baseline_rev HEAD``: an A/B of the options alone).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def parse_args():
   ap.add_argument("--options", default=None,
                   help="a third version: ours compiled with these XLA compiler options, "
                        "'name=value,...' (e.g. xla_cpu_small_while_loop_byte_threshold=1e6)")
+  ap.add_argument("--baseline_without_options", action="store_true",
+                  help="compile the old version without spmd_lopt.xla_options' options")
   ap.add_argument("--unrolled_threefry", action="store_true",
                   help="a version compiled with jax's unrolled (non-CPU) threefry lowering")
   return ap.parse_args()
@@ -258,6 +262,14 @@ def main():
     if tag == "unrolled":
       with unrolled_threefry():
         compiled = describe(tag, lrn, state, args, opts)
+    elif tag == "old" and args.baseline_without_options:
+      from spmd_lopt import xla_options  # pylint: disable=import-outside-toplevel
+      keep = xla_options.step_options
+      xla_options.step_options = lambda mesh=None: {}  # the jit is made (and kept) here
+      try:
+        compiled = describe(tag, lrn, state, args, opts)
+      finally:
+        xla_options.step_options = keep
     else:
       compiled = describe(tag, lrn, state, args, opts)
     if opts or tag == "unrolled":
