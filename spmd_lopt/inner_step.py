@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spmd_lopt import threefry
+
 
 def train_step(task, opt, opt_state, key: jax.Array, batch: Any = None,
                aux_key: Optional[str] = None):
@@ -33,7 +35,7 @@ def train_step(task, opt, opt_state, key: jax.Array, batch: Any = None,
   task's auxiliary value ``aux_key`` (``loss_with_state_and_aux``) when given.
   batch: a batch for this step, or ``None`` to draw one on device from the train split.
   """
-  k_data, k_loss, k_update = jax.random.split(key, 3)
+  k_data, k_loss, k_update = jax.random.split(threefry.as_unrolled(key), 3)
   params, model_state = opt.get_params_state(opt_state)
   if batch is None:
     batch = task.sample_batch(k_data, "train")
@@ -56,7 +58,7 @@ def eval_loss(task, opt, opt_state, key: jax.Array, batch: Any = None,
               split: str = "train", aux_key: Optional[str] = None) -> jax.Array:
   """The task's loss (or aux value ``aux_key``) at the params in ``opt_state`` on
   ``batch`` (``None``: one batch of ``split`` drawn on device with ``split(key)[0]``)."""
-  k_data, k_loss = jax.random.split(key)
+  k_data, k_loss = jax.random.split(threefry.as_unrolled(key))
   params, model_state = opt.get_params_state(opt_state)
   if batch is None:
     batch = task.sample_batch(k_data, split)

@@ -34,6 +34,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from spmd_lopt import sharding
+from spmd_lopt import xla_options
 # The reference's host API lives in spmd_lopt.compat; re-exported here, its import path.
 from spmd_lopt.compat import host_api as _host_api
 from spmd_lopt.compat.host_api import (  # noqa: F401
@@ -263,7 +264,8 @@ class SpmdGradientLearner:
       def fn(state, key, datasets):
         _, grads, losses, _ = self._estimate(state, key, None, datasets)
         return jax.tree.map(lambda *g: sum(g) / len(g), *grads), jnp.mean(losses)
-      self._jit_meta_gradient = jax.jit(fn)
+      self._jit_meta_gradient = jax.jit(
+          fn, compiler_options=xla_options.step_options(self.mesh))
     return self._jit_meta_gradient(state, sharding.replicate(key, self.mesh),
                                    self._datasets)
 
@@ -320,7 +322,8 @@ class SpmdGradientLearner:
   def _update_fn(self, with_metrics: bool):
     if with_metrics not in self._jit_update:
       self._jit_update[with_metrics] = jax.jit(
-          lambda s, k, d, ds: self._step(s, k, with_metrics, d, ds), donate_argnums=(0,))
+          lambda s, k, d, ds: self._step(s, k, with_metrics, d, ds), donate_argnums=(0,),
+          compiler_options=xla_options.step_options(self.mesh))
     return self._jit_update[with_metrics]
 
   def lower_update(self, state: SingleMachineState, key, steps_per_call: int = 1,
@@ -354,7 +357,8 @@ class SpmdGradientLearner:
           return s, (loss, m)
         state, (losses, metrics) = jax.lax.scan(body, state, jax.random.split(key, num_steps))
         return state, losses, metrics
-      self._jit_update_many[cache_key] = jax.jit(many, donate_argnums=(0,))
+      self._jit_update_many[cache_key] = jax.jit(
+          many, donate_argnums=(0,), compiler_options=xla_options.step_options(self.mesh))
     return self._jit_update_many[cache_key]
 
 

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from spmd_lopt import inner_step
+from spmd_lopt import threefry
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import truncated_step
@@ -207,6 +208,7 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     pass the length they draw (an int or a traced int32 scalar).
     """
     task_ids = self._task_ids(task_ids)
+    key = threefry.as_unrolled(key)  # same bits, no rolled hash loops on CPU
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
     init = lambda th, k: self._init_one(th, k, outer_state, with_offset=True,
                                         num_steps=num_steps_override)
@@ -222,6 +224,7 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     pair ``(train_batch, meta_batch)``, as ``get_batch`` returns it.
     """
     task_ids = self._task_ids(task_ids)
+    key = threefry.as_unrolled(key)  # same bits, no rolled hash loops on CPU
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
     th_axis = 0 if theta_is_vector else None
     k_step = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
@@ -261,6 +264,7 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     ``[num_steps, tasks, ...]`` (the reference's ``datas_list`` path, see ``get_batch``).
     """
     task_ids = self._task_ids(task_ids)
+    key = threefry.as_unrolled(key)  # same bits, no rolled hash loops on CPU
     data = data if _has_leaves(data) else None
 
     def body(state, xs):
@@ -301,6 +305,7 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     device): normalised loss, or the aux value ``meta_loss_with_aux_key``."""
     del outer_state
     task_ids = self._task_ids(task_ids)
+    key = threefry.as_unrolled(key)  # same bits, no rolled hash loops on CPU
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(task_ids)
     data = data if _has_leaves(data) else None
     aux_key = self.meta_loss_with_aux_key
