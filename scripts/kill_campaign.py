@@ -203,15 +203,22 @@ def main(argv=None) -> int:
                             os.path.join(root, "compilation_cache"))
 
   base = os.path.join(root, "uninterrupted")
-  for attempt in range(1 if args.no_compilation_cache else 2):
-    # With the cache, the second uninterrupted run (compiled programs cached) sets the
-    # time scale of the kills, as every later launch runs that fast.
-    shutil.rmtree(base, ignore_errors=True)
-    t = time.time()
-    rcs = _wait(_start(base, args, args.processes), args.timeout_s)
-    base_wall = time.time() - t
-    if any(rcs):
-      break
+  warmup_failures = 0
+  if not args.no_compilation_cache:
+    # Fill the cache first: the timed uninterrupted run then sets the time scale of the
+    # kills, as every later launch runs that fast. On a loaded machine the processes of a
+    # cold 2-process launch can reach a collective > 30 s apart (one still compiling),
+    # which gloo's fixed connect timeout turns into a failed launch; each try caches the
+    # programs compiled so far, so a retry gets further.
+    for _ in range(3):
+      shutil.rmtree(base, ignore_errors=True)
+      if not any(_wait(_start(base, args, args.processes), args.timeout_s)):
+        break
+      warmup_failures += 1
+  shutil.rmtree(base, ignore_errors=True)
+  t = time.time()
+  rcs = _wait(_start(base, args, args.processes), args.timeout_s)
+  base_wall = time.time() - t
   if any(rcs):
     print(f"kill_campaign: the uninterrupted run failed ({rcs}); see {base}",
           file=sys.stderr)
@@ -226,6 +233,7 @@ def main(argv=None) -> int:
   killed = [r for r in runs if not r["completed_before_kill"]]
   report = dict(
       processes=args.processes, outer_steps=args.outer_steps,
+      cache_warmup_failures=warmup_failures,
       checkpoint_every=args.checkpoint_every, uninterrupted_wall_s=round(base_wall, 2),
       runs=len(runs), killed=len(killed),
       killed_inside_checkpoint_write=sum(r["inside_checkpoint_write"] for r in killed),
