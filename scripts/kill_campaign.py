@@ -192,19 +192,24 @@ def main(argv=None) -> int:
   parser.add_argument("--keep", action="store_true", help="keep the runs' workdirs")
   parser.add_argument("--out", default=None, help="write the JSON report here")
   parser.add_argument("--no_compilation_cache", action="store_true",
-                      help="compile in every launch (default: a persistent cache shared by "
-                      "the campaign's launches)")
+                      help="compile in every launch (default with --processes 1: a "
+                      "persistent cache shared by the campaign's launches; never used "
+                      "with more processes)")
   args = parser.parse_args(argv)
   if args.runs < 1 or args.outer_steps < 1 or args.checkpoint_every < 1:
     parser.error("--runs, --outer_steps and --checkpoint_every must be positive")
   root = args.workdir or tempfile.mkdtemp(prefix="kill_campaign_")
   rng = random.Random(args.seed)
-  args.compilation_cache = (None if args.no_compilation_cache else
+  # JAX writes persistent-cache entries only from process 0, and process 1's cache keys
+  # differ (measured: every program misses there), so with a cache process 0 loads while
+  # process 1 compiles; on a loaded machine the gap exceeds gloo's fixed 30 s connect
+  # timeout and the launch fails. Multi-process launches therefore compile every time.
+  args.compilation_cache = (None if args.no_compilation_cache or args.processes > 1 else
                             os.path.join(root, "compilation_cache"))
 
   base = os.path.join(root, "uninterrupted")
   warmup_failures = 0
-  if not args.no_compilation_cache:
+  if args.compilation_cache:
     # Fill the cache first: the timed uninterrupted run then sets the time scale of the
     # kills, as every later launch runs that fast. On a loaded machine the processes of a
     # cold 2-process launch can reach a collective > 30 s apart (one still compiling),
