@@ -149,14 +149,15 @@ def _one_run(i: int, args, rng: random.Random, base_wall: float, root: str) -> d
   if not finished_first:
     procs[victim].send_signal(signal.SIGKILL)
   killed_at = time.time() - t0
-  # summary.json is the launcher's last write: with it the run had completed.
-  completed = os.path.exists(os.path.join(workdir, "summary.json"))
   survivors_exited = None
   if len(procs) > 1:  # the others: broken collective, or killed after a grace period
     rcs = _wait([p for j, p in enumerate(procs) if j != victim], args.grace_s)
     survivors_exited = all(rc is not None and rc != -signal.SIGKILL for rc in rcs)
   _wait(procs, 30)
   reached = _last_logged_step(workdir)
+  # summary.json is the launcher's last write: with it the run had completed (checked
+  # after every process exited: a survivor may finish the run after the victim died).
+  completed = os.path.exists(os.path.join(workdir, "summary.json"))
   rcs = _wait(_start(workdir, args, args.processes), args.timeout_s)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
