@@ -167,6 +167,9 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
           state, loss, metrics = learner.update(state, key, with_metrics=True)
         else:
           state, loss, metrics = learner.update_many(state, key, spc, with_metrics=True)
+        # The previous checkpoint's write overlapped this step's dispatch; it must be
+        # durable before this step is recorded (a kill then loses <= one interval).
+        ckpt.settle()
         step = (c + 1) * spc
         timer.tick(loss, spc)
         log.add(loss, metrics)

@@ -232,6 +232,51 @@ def test_sigkill_mid_checkpoint_write_is_ignored(straight, tmp_path):
   assert _losses(workdir) == _losses(straight)
 
 
+def _max_recorded_step(workdir):
+  step = 0
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          step = max(step, int(json.loads(line)["step"]))
+        except (ValueError, KeyError):
+          pass  # a line being written right now
+  except FileNotFoundError:
+    pass
+  return step
+
+
+def test_no_step_is_recorded_before_the_previous_checkpoint_is_durable(tmp_path,
+                                                                       monkeypatch):
+  """A kill loses at most ``checkpoint_every`` steps only if checkpoint ``s`` is committed
+  before any later step is recorded. Here the commit (orbax's rename into place) of step
+  5 is slow: it waits up to 2 s for a later step to show up in metrics.jsonl. The loop
+  must hold that step back until the commit is done. (It used to run on, so a kill during
+  a slow 2-process commit lost two intervals.)"""
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
+  import asyncio  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "slow_commit")
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+  seen = []
+
+  async def slow_finalize(self, *args, **kwargs):
+    if os.path.basename(str(self.get_final())) == "5":
+      deadline = time.time() + 2.0
+      while time.time() < deadline and _max_recorded_step(workdir) <= 5:
+        await asyncio.sleep(0.01)
+      seen.append(_max_recorded_step(workdir))
+    return await original(self, *args, **kwargs)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", slow_finalize)
+  summary = _train(workdir, mesh_devices=2, outer_steps=6, log_every=1, checkpoint_every=5)
+  assert seen == [5], f"steps recorded while checkpoint 5 was being committed: {seen}"
+  assert [r["step"] for r in _records(workdir)] == list(range(1, 7))
+  assert summary["resumed_from_step"] in (None, 0)
+  ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  assert ck.all_steps() == [5, 6]
+  ck.close()
+
+
 def _truncate_data_files(step_dir):
   for root, _, files in os.walk(os.path.join(step_dir, "state")):
     for name in files:
