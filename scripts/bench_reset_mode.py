@@ -25,12 +25,10 @@ from spmd_lopt.tasks import registry
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--task", default="ParametricImageMLP_Digits8")
-  p.add_argument("--num-tasks", type=int, default=8)
-  p.add_argument("--steps", type=int, default=50)
-  p.add_argument("--min-length", type=int, default=10)
-  p.add_argument("--max-length", type=int, default=50)
-  p.add_argument("--rounds", type=int, default=7)
+  defaults = {"task": "ParametricImageMLP_Digits8", "num-tasks": 8, "steps": 50,
+              "min-length": 10, "max-length": 50, "rounds": 7}
+  for flag, default in defaults.items():
+    p.add_argument(f"--{flag}", type=type(default), default=default)
   args = p.parse_args()
 
   lopt = mlp_lopt.MLPLOpt()

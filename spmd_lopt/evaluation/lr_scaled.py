@@ -23,18 +23,13 @@ import jax.numpy as jnp
 from spmd_lopt.optimizers import base as opt_base
 
 
-class ScaledUpdateOptimizer(opt_base.Optimizer):
+class ScaledUpdateOptimizer(opt_base.WrappedOptimizer):
   """``opt`` with each step's parameter change multiplied by ``multiplier`` (f32[])."""
 
   def __init__(self, opt: opt_base.Optimizer, multiplier: Any):
-    if not isinstance(opt, opt_base.Optimizer):
-      raise TypeError(f"ScaledUpdateOptimizer wraps an Optimizer, got {type(opt).__name__}.")
-    self.opt = opt
+    super().__init__(opt)
     self.multiplier = multiplier
     self.name = f"LRScaled_{opt.name}"
-
-  def init(self, *args, **kwargs):
-    return self.opt.init(*args, **kwargs)
 
   def update(self, opt_state, grad, *args, **kwargs):
     old = self.opt.get_params(opt_state)
@@ -47,12 +42,3 @@ class ScaledUpdateOptimizer(opt_base.Optimizer):
       return jnp.where(m == 1.0, b, stepped)
 
     return self.opt.set_params(new_state, jax.tree.map(scale, old, new))
-
-  def get_params(self, opt_state):
-    return self.opt.get_params(opt_state)
-
-  def get_state(self, opt_state):
-    return self.opt.get_state(opt_state)
-
-  def set_params(self, opt_state, params):
-    return self.opt.set_params(opt_state, params)

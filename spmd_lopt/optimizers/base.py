@@ -95,21 +95,16 @@ class OptaxOptimizer(Optimizer):
                       iteration=opt_state.iteration + 1)
 
 
-class GradientClipOptimizer(Optimizer):
-  """Clip every gradient entry to ``[-grad_clip, grad_clip]``, then apply ``opt``."""
+class WrappedOptimizer(Optimizer):
+  """Base of an optimizer that wraps ``opt`` and changes only its ``update``: state layout,
+  ``init``, ``get_params``, ``get_state`` and ``set_params`` are ``opt``'s own."""
 
-  def __init__(self, opt: Optimizer, grad_clip: float = 3.0):
-    _check_instance(opt, "GradientClipOptimizer")
+  def __init__(self, opt: Optimizer):
+    _check_instance(opt, type(self).__name__)
     self.opt = opt
-    self.grad_clip = grad_clip
-    self.name = f"GradientClip{grad_clip}_{opt.name}"
 
   def init(self, *args, **kwargs):
     return self.opt.init(*args, **kwargs)
-
-  def update(self, opt_state, grad, *args, **kwargs):
-    grad = jax.tree.map(lambda g: jnp.clip(g, -self.grad_clip, self.grad_clip), grad)
-    return self.opt.update(opt_state, grad, *args, **kwargs)
 
   def get_params(self, opt_state):
     return self.opt.get_params(opt_state)
@@ -119,6 +114,19 @@ class GradientClipOptimizer(Optimizer):
 
   def set_params(self, opt_state, params):
     return self.opt.set_params(opt_state, params)
+
+
+class GradientClipOptimizer(WrappedOptimizer):
+  """Clip every gradient entry to ``[-grad_clip, grad_clip]``, then apply ``opt``."""
+
+  def __init__(self, opt: Optimizer, grad_clip: float = 3.0):
+    super().__init__(opt)
+    self.grad_clip = grad_clip
+    self.name = f"GradientClip{grad_clip}_{opt.name}"
+
+  def update(self, opt_state, grad, *args, **kwargs):
+    grad = jax.tree.map(lambda g: jnp.clip(g, -self.grad_clip, self.grad_clip), grad)
+    return self.opt.update(opt_state, grad, *args, **kwargs)
 
 
 def _check_instance(opt, who: str):
