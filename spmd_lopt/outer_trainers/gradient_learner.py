@@ -34,6 +34,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from spmd_lopt import sharding
+from spmd_lopt import threefry
 from spmd_lopt import xla_options
 # The reference's host API lives in spmd_lopt.compat; re-exported here, its import path.
 from spmd_lopt.compat import host_api as _host_api
@@ -207,6 +208,9 @@ class SpmdGradientLearner:
 
     def body(theta, est_states, key, outer_iteration, datas, datasets):
       outer_state = OuterState(outer_iteration=outer_iteration)
+      # Every key an estimator derives comes from here: same bits as jax's threefry,
+      # without its rolled CPU hash loops (spmd_lopt.threefry).
+      key = threefry.as_unrolled(key)
       new_states, grads, losses, nonfinite = [], [], [], []
       ests = self._bound_estimators(datasets)
       for i, (est, n) in enumerate(zip(ests, self._num_local)):

@@ -37,7 +37,6 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from spmd_lopt import threefry
 from spmd_lopt.outer_trainers import common
 from spmd_lopt.outer_trainers import estimator_base
 
@@ -90,8 +89,7 @@ class TruncatedPES(estimator_base.AntitheticTruncatedEstimator):
     return pos_state, neg_state, p_out, n_out
 
   def estimate_local(self, theta, state, key, task_ids, outer_state, data=None):
-    # Same bits as jax's threefry, without its rolled CPU hash loops (spmd_lopt.threefry).
-    k_noise, k_unroll = jax.random.split(threefry.as_unrolled(key))
+    k_noise, k_unroll = jax.random.split(key)
     eps = common.per_task_noise(k_noise, task_ids, theta, self.std)
     pos_state, neg_state, p_out, n_out = self._antithetic_unroll(
         theta, eps, state, k_unroll, task_ids, outer_state, data)
