@@ -160,6 +160,63 @@ def check_tasks_axis_only(mesh: Mesh, spec: str = "", axis_name: str = DEFAULT_A
         f"every task (nothing is sharded over them yet); use --mesh {axis_name}={total}.")
 
 
+# Integer sums travel as float32 "limbs" of this many bits: each limb is < 2**11 and a sum
+# of at most _MAX_EXACT_DEVICES of them stays below 2**24, where float32 is still exact.
+_LIMB_BITS = 11
+_MAX_EXACT_DEVICES = 2 ** (24 - _LIMB_BITS)
+
+
+def mean_and_sum_packed(means, sums, axis_name):
+  """``(pmean(means), psum(sums))`` over ``axis_name`` with **one** all-reduce operand when
+  ``means``' leaves are float32 and ``sums``' leaves are 32-bit integers (the learner's
+  meta-gradients and losses, and its non-finite counts).
+
+  Each integer ``c`` is viewed as ``uint32`` and split into limbs
+  ``c = l_0 + 2^11 l_1 + 2^22 l_2`` (``l_k < 2^11``), stored as float32 beside the means;
+  the sum over ``D`` devices of a limb is an integer below ``D 2^11 <= 2^24``, exact in
+  float32 in any order, and ``sum_k 2^(11k) (sum_d l_k)`` taken modulo ``2^32`` is bit for
+  bit the int32 ``psum`` (overflow wraps alike). Means are ``psum / D`` as ``lax.pmean``
+  computes them. Leaves of other dtypes, or more than ``2^13`` devices, fall back to one
+  operand per dtype (``pmean_packed``).
+
+  Why one: besides the per-operand gloo latency (``pmean_packed``), two *independent*
+  all-reduces in one program may run concurrently on XLA CPU's intra-op threads; with as
+  many threads as cores (2 here) both can block waiting for a device whose own work then
+  finds no free thread, until XLA's collective timeout aborts the process (seen under
+  load with 2 CPU devices).
+  """
+  n = jax.lax.psum(1, axis_name)
+  mean_leaves, mean_def = jax.tree.flatten(means)
+  sum_leaves, sum_def = jax.tree.flatten(sums)
+  packable = (n <= _MAX_EXACT_DEVICES
+              and all(jnp.result_type(x) == jnp.float32 for x in mean_leaves)
+              and all(jnp.issubdtype(jnp.result_type(x), jnp.integer)
+                      and jnp.dtype(jnp.result_type(x)).itemsize == 4 for x in sum_leaves))
+  if not packable:
+    return pmean_packed(means, axis_name), pmean_packed(sums, axis_name, jax.lax.psum)
+  mask = (1 << _LIMB_BITS) - 1
+  limbs = []
+  for x in sum_leaves:
+    u = jnp.ravel(x).astype(jnp.uint32)  # modular view: negative values wrap, as in psum
+    limbs += [((u >> (_LIMB_BITS * k)) & mask).astype(jnp.float32) for k in range(3)]
+  parts = [jnp.ravel(x) for x in mean_leaves] + limbs
+  flat = jax.lax.psum(jnp.concatenate(parts), axis_name)
+  out_means, start = [], 0
+  for x in mean_leaves:
+    size = int(jnp.size(x))
+    out_means.append(flat[start:start + size].reshape(jnp.shape(x)) / n)
+    start += size
+  out_sums = []
+  for x in sum_leaves:
+    size = int(jnp.size(x))
+    total = jnp.zeros((size,), jnp.uint32)
+    for k in range(3):
+      total = total + (flat[start:start + size].astype(jnp.uint32) << (_LIMB_BITS * k))
+      start += size
+    out_sums.append(total.astype(jnp.result_type(x)).reshape(jnp.shape(x)))
+  return jax.tree.unflatten(mean_def, out_means), jax.tree.unflatten(sum_def, out_sums)
+
+
 def pmean_packed(tree, axis_name, reduce=jax.lax.pmean):
   """``reduce`` (``lax.pmean``/``lax.psum``) of every leaf of ``tree`` over ``axis_name``,
   as one collective per dtype: the leaves of a dtype are raveled and concatenated into one

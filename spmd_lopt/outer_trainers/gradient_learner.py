@@ -7,7 +7,8 @@
    ``spmd_lopt.sharding``);
 2. per estimator, the meta-gradient and meta-loss are averaged over devices with
    ``lax.pmean`` (non-finite per-task values were already replaced, and counted), all
-   estimators' leaves packed into one vector per dtype (``sharding.pmean_packed``);
+   estimators' leaves and the non-finite counts packed into one all-reduce operand
+   (``sharding.mean_and_sum_packed``);
 3. ``grad = mean over estimators``, ``loss = mean over estimators`` (the reference's
    aggregation), then the replicated outer-optimizer update ``theta_opt.update``.
 
@@ -221,10 +222,9 @@ class SpmdGradientLearner:
         losses.append(res.loss)
         nonfinite.append(jnp.stack([res.nonfinite, res.nonfinite_entries]))
       # Averaged (grads, losses) and [tasks, entries] with non-finite values, summed over
-      # the mesh: one all-reduce per dtype for all estimators together
-      # (see sharding.pmean_packed).
-      grads, losses = sharding.pmean_packed((tuple(grads), jnp.stack(losses)), ax)
-      nonfinite = sharding.pmean_packed(jnp.stack(nonfinite), ax, jax.lax.psum)
+      # the mesh: one all-reduce for all estimators together (sharding.mean_and_sum_packed).
+      (grads, losses), nonfinite = sharding.mean_and_sum_packed(
+          (tuple(grads), jnp.stack(losses)), jnp.stack(nonfinite), ax)
       return tuple(new_states), grads, losses, nonfinite
 
     return jax.shard_map(
