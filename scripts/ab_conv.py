@@ -70,7 +70,11 @@ def main():
             f"ms/step), {dp:.2f} s process CPU", flush=True)
   a, b = outs.values()
   for k in a:
-    print(k, "max |A - B| =", float(jnp.max(jnp.abs(a[k] - b[k]))))
+    d = jnp.abs(a[k] - b[k]).reshape(a[k].shape[0], -1)
+    print(k, "max |A - B| per grid point:", [f"{float(x):.2g}" for x in jnp.max(d, 1)],
+          "| A final mean per grid point:",
+          [f"{float(x):.3g}" for x in a[k].reshape(a[k].shape[0], -1, a[k].shape[-1])
+           [:, :, -1].mean(1)])
 
 
 if __name__ == "__main__":

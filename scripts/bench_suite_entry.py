@@ -19,9 +19,10 @@ def time_program(entry, optimizer, point, keys, eval_batches=5):
   fn = runner._program(entry, optimizer, eval_batches)
   t0 = time.perf_counter()
   compiled = fn.lower(point, keys).compile()
-  t1 = time.perf_counter()
+  t1, p1 = time.perf_counter(), time.process_time()
   jax.block_until_ready(compiled(point, keys))
-  t2 = time.perf_counter()
+  t2, p2 = time.perf_counter(), time.process_time()
+  print(f"  (run: {p2 - p1:.1f} s process CPU)", flush=True)
   return t1 - t0, t2 - t1
 
 
