@@ -18,8 +18,68 @@ from spmd_lopt import datasets as ds_lib
 from spmd_lopt.tasks.fixed.classification import ImageClassificationTask
 
 
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """'SAME' padding ``(lo, hi)`` of one spatial axis, as XLA/flax compute it: the output
+  has ``ceil(size / stride)`` positions, ``total = max((out - 1) * stride + kernel - size,
+  0)`` zeros are added, ``lo = total // 2`` before and the rest after."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def conv_same_as_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[int]
+                        ) -> jax.Array:
+  """The 'SAME'-padded 2-D cross-correlation of ``lax.conv_general_dilated`` (NHWC, HWIO),
+  computed as input patches times the kernel.
+
+  ``x`` f32[B, H, W, C], ``kernel`` f32[kh, kw, C, D], strides ``(sh, sw)`` ->
+  f32[B, H', W', D] with ``H' = ceil(H / sh)``, ``W' = ceil(W / sw)`` and
+  ``y[b, p, q, d] = sum_{i, j, c} xpad[b, p sh + i, q sw + j, c] kernel[i, j, c, d]``,
+  ``xpad`` = ``x`` zero-padded by ``same_padding`` on each spatial axis.
+
+  Why not ``lax.conv``: under ``vmap`` over kernels (the suite's seeds and grid points
+  each train their own net) a batched kernel becomes a grouped convolution, which XLA's
+  CPU backend runs far below its matmul speed. Here the ``kh * kw`` strided slices of
+  ``xpad`` are stacked into patches f32[B, H', W', kh, kw, C] and contracted with the
+  kernel in one ``einsum``: under ``vmap`` that is a batched matmul
+  ``[n, B H' W', kh kw C] @ [n, kh kw C, D]``, and its gradients are matmuls plus pads.
+  Same function as the convolution; only the float summation order differs.
+  """
+  kh, kw = kernel.shape[:2]
+  sh, sw = strides
+  height, width = x.shape[1], x.shape[2]
+  ph, pw = same_padding(height, kh, sh), same_padding(width, kw, sw)
+  xpad = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  out_h, out_w = -(-height // sh), -(-width // sw)
+  # slice (i, j) holds xpad[:, p sh + i, q sw + j, :] for every output position (p, q)
+  rows = [jnp.stack([xpad[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
+                     for j in range(kw)], axis=3) for i in range(kh)]
+  patches = jnp.stack(rows, axis=3)  # [B, H', W', kh, kw, C]
+  return jnp.einsum("bpqijc,ijcd->bpqd", patches, kernel)
+
+
+class PatchConv(nn.Module):
+  """``nn.Conv(features, kernel_size, strides, padding="SAME")`` on f32[B, H, W, C]: the
+  same parameters (``kernel`` f32[kh, kw, C, features], LeCun-normal; ``bias``
+  f32[features], zeros) and the same function, computed by ``conv_same_as_matmul`` so
+  that it stays a matmul under ``vmap`` over parameters."""
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        tuple(self.kernel_size) + (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    return conv_same_as_matmul(x, kernel, self.strides) + bias
+
+
 class ConvPool(nn.Module):
-  """f32[B, H, W, C] -> conv stack (first stride 2) -> global mean pool -> Dense(K)."""
+  """f32[B, H, W, C] -> conv stack (first stride 2) -> global mean pool -> Dense(K).
+
+  The convolutions are ``PatchConv`` (``nn.Conv``'s parameters, names ``Conv_<i>``, init
+  and function, but matmuls under ``vmap``; see ``conv_same_as_matmul``)."""
   channels: Sequence[int]
   num_classes: int = 10
   activation: Callable[[jax.Array], jax.Array] = nn.relu
@@ -28,7 +88,8 @@ class ConvPool(nn.Module):
   def __call__(self, x):
     for i, c in enumerate(self.channels):
       stride = 2 if i == 0 else 1
-      x = self.activation(nn.Conv(c, (3, 3), strides=(stride, stride), padding="SAME")(x))
+      # named as nn.Conv's auto-names, so the parameter tree (and its init keys) is unchanged
+      x = self.activation(PatchConv(c, (3, 3), (stride, stride), name=f"Conv_{i}")(x))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
