@@ -117,6 +117,7 @@ def test_full_grad_is_jax_grad_of_a_fresh_unroll():
   assert err < 1e-5
 
 
+@pytest.mark.slow  # ~25 s; by default test_pes checks PES against the exact gradient
 def test_nres_and_pes_are_unbiased_and_nres_has_lower_variance():
   """Trajectories of 24 steps unrolled 4 at a time; the estimate of the 5th truncation
   (PES's accumulator then holds 5 perturbations, NRES still reuses one). Both match the

@@ -79,14 +79,6 @@ def test_update_makes_no_host_transfer(devices):
   assert all(isinstance(v, jax.Array) for v in metrics.values())
 
 
-def test_update_donates_old_state(devices):
-  lrn = learner(2, _one_estimator)
-  state = lrn.init(jax.random.key(0))
-  old_leaf = state.gradient_estimator_states[0].accumulator["params"]["Dense_0"]["kernel"]
-  state, _, _ = lrn.update(state, jax.random.key(1))
-  assert old_leaf.is_deleted()
-
-
 @pytest.mark.slow  # ~8 s; the CLI test and test_meta_training_sanity check learning too
 def test_meta_training_lowers_the_meta_loss():
   lrn = learner(1, lambda lopt: [pes_estimator(lopt, num_tasks=16, trunc_length=50,
@@ -100,14 +92,19 @@ def test_meta_training_lowers_the_meta_loss():
   assert last < 0.85 * first, (first, last)
 
 
-def test_update_many_equals_repeated_update():
+def test_update_many_equals_repeated_update_and_both_donate():
   lrn = learner(2, _one_estimator)
   s1 = lrn.init(jax.random.key(0))
   s2 = lrn.init(jax.random.key(0))
+  leaf = lambda s: s.gradient_estimator_states[0].accumulator["params"]["Dense_0"]["kernel"]
+  old1 = leaf(s1)
   s1, losses, _ = lrn.update_many(s1, jax.random.key(5), 3)
+  assert old1.is_deleted()
   seq = []
   for k in jax.random.split(jax.random.key(5), 3):
+    old2 = leaf(s2)
     s2, loss, _ = lrn.update(s2, k)
+    assert old2.is_deleted()
     seq.append(loss)
   np.testing.assert_allclose(np.asarray(losses), np.asarray(seq), rtol=1e-6)
   assert max_rel_err(lrn.get_meta_params(s1), lrn.get_meta_params(s2)) < 1e-6
