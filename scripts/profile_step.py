@@ -48,6 +48,7 @@ OLD_MODULES = {  # module name -> path in the repository
     "mlp_lopt": "spmd_lopt/learned_optimizers/mlp_lopt.py",
     "lopt_truncated_step": "spmd_lopt/outer_trainers/lopt_truncated_step.py",
     "truncated_pes": "spmd_lopt/outer_trainers/truncated_pes.py",
+    "celo2": "spmd_lopt/learned_optimizers/celo2.py",
 }
 
 
@@ -58,6 +59,14 @@ def parse_args():
   ap.add_argument("--devices", type=int, default=1)
   ap.add_argument("--trunc_length", type=int, default=50)
   ap.add_argument("--lopt", default="mlp_lopt")
+  ap.add_argument("--bench_config", default="configs/bench/tutorial.py",
+                  help="the bench config whose settings build the learner (batch size, "
+                       "lengths, std, stack_antithetic, ...); e.g. "
+                       "configs/bench/celo2_recipe.py")
+  ap.add_argument("--recipe", action="store_true",
+                  help="the Celo2 recipe: --bench_config configs/bench/celo2_recipe.py, its "
+                       "workloads (4 x synthetic8), its lopt (celo2) and 8 tasks per "
+                       "estimator, unless given")
   ap.add_argument("--reps", type=int, default=0, help="timed calls per version")
   ap.add_argument("--calls", type=int, default=1, help="update calls per timed sample")
   ap.add_argument("--baseline_rev", default=None)
@@ -115,7 +124,7 @@ def build(args, mesh, old=None):
   import jax  # pylint: disable=import-outside-toplevel
   from spmd_lopt import sharding  # pylint: disable=import-outside-toplevel
   from spmd_lopt.bench import config, workloads  # pylint: disable=import-outside-toplevel
-  bcfg = config.load_config("configs/bench/tutorial.py")
+  bcfg = config.load_config(args.bench_config)
   bcfg.trunc_length = args.trunc_length
   bcfg.lopt = args.lopt
   lrn, _ = workloads.build_learner(bcfg, args.workload.split(","), "pes", args.tasks, mesh)
@@ -128,6 +137,8 @@ def build(args, mesh, old=None):
     for lo in lopts.values():
       if type(lo).__name__ == "MLPLOpt":
         lo.__class__ = old["mlp_lopt"].MLPLOpt
+      elif type(lo).__name__ in ("Celo2", "Celo2Base"):
+        lo.__class__ = getattr(old["celo2"], type(lo).__name__)
     for est in lrn.gradient_estimators:
       est.__class__ = getattr(old["truncated_pes"], type(est).__name__)
       step = est.truncated_step
@@ -243,6 +254,15 @@ def describe(tag, lrn, state, args, options=None):
 
 def main():
   args = parse_args()
+  if args.recipe:
+    if args.bench_config == "configs/bench/tutorial.py":
+      args.bench_config = "configs/bench/celo2_recipe.py"
+    if args.workload == "quadratic":
+      args.workload = "synthetic8,synthetic8,synthetic8,synthetic8"
+    if args.lopt == "mlp_lopt":
+      args.lopt = "celo2"
+    if args.tasks == 64:
+      args.tasks = 8
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}")
   import jax  # pylint: disable=import-outside-toplevel

@@ -153,33 +153,51 @@ def _inv_rms(x: jax.Array, ndim: int, eps: float = 1e-9) -> jax.Array:
 def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
   """Items 4-5: normalise each feature column, run the grouped MLP, take output 0.
 
-  With ``S`` the leaf's shape, ``L = S[:-2]`` its leading axes and ``n_c`` the inverse RMS
-  of column ``c`` (shape ``L``: constant over the last two axes), the first layer is
-  ``sum_c (x_c n_c) W0[c] = sum_c x_c (n_c W0[c])``: the norms are folded into one
-  ``(prod(L), F, hidden)`` weight per leaf and the raw full-size columns (``F`` = 15 or 18)
-  go through one batched product, so no normalised copy of them is written. The
-  row/column groups are ``O(S / S[d])`` arrays: they are normalised and multiplied
-  un-broadcast, and their ``hidden``-wide partial sums are broadcast-added.
+  With ``S`` the leaf's shape, ``L = S[:-2]`` its leading axes (``prod(L) = l``), ``e``
+  the entries of its last two axes and ``n_c`` the inverse RMS of column ``c`` (shape
+  ``L``: constant over the last two axes), the first layer is
+  ``sum_c (x_c n_c) W0[c] = sum_c (n_c W0[c]) x_c``: the norms are folded into one
+  ``(l, F, hidden)`` weight per leaf, so no normalised copy of the ``F`` (15 or 18) raw
+  full-size columns is written. The row/column groups are ``O(S / S[d])`` arrays: they are
+  normalised and multiplied un-broadcast, and their ``hidden``-wide partial sums are
+  broadcast-added.
+
+  Layout: entries on the minor axis. The columns are stacked as ``X: (l, F, e)`` and every
+  layer is ``H' = W^T H`` with ``H: (l, hidden, e)``, i.e. a ``(hidden, F) @ (F, e)``
+  product per leading index (per task under ``vmap``): long rows for the matrix library
+  and the vector units, where ``(e, F) @ (F, hidden)`` with ``F, hidden <= 18`` ran its
+  inner loops over 8-18 elements. Only output 0 of the last layer is computed.
   """
   ndim = groups[0].ndim - 1
   shape = groups[0].shape[:-1]
-  n_lead = int(np.prod(shape[:max(ndim - 2, 0)], dtype=np.int64))
+  lead = shape[:max(ndim - 2, 0)]
+  n_lead = int(np.prod(lead, dtype=np.int64))
   full = [i for i, x in enumerate(groups) if x.shape[:-1] == shape]
-  feats = jnp.concatenate([groups[i] for i in full], axis=-1)
-  feats = jnp.reshape(feats, (n_lead, -1, feats.shape[-1]))
+  # (l, F, e): each group's width axis moved in front of its entries.
+  feats = jnp.concatenate(
+      [jnp.swapaxes(jnp.reshape(groups[i], (n_lead, -1, groups[i].shape[-1])), -1, -2)
+       for i in full], axis=1)
   w0 = jnp.concatenate(
       [jnp.reshape(_inv_rms(groups[i], ndim), (n_lead, -1, 1)) * net[f"w0__{i}"]
-       for i in full], axis=1)
-  h = jnp.reshape(jnp.matmul(feats, w0, precision=HIGHEST), shape + w0.shape[-1:])
-  h = h + net["b0"]
-  for i, x in enumerate(groups):
-    if i not in full:
-      h = h + jnp.matmul(x * _inv_rms(x, ndim), net[f"w0__{i}"], precision=HIGHEST)
+       for i in full], axis=1)                                        # (l, F, hidden)
+  hidden = w0.shape[-1]
+  h = jnp.einsum("lfh,lfe->lhe", w0, feats, precision=HIGHEST)
+  h = h + net["b0"][:, None]
+  partial = [jnp.matmul(x * _inv_rms(x, ndim), net[f"w0__{i}"], precision=HIGHEST)
+             for i, x in enumerate(groups) if i not in full]
+  if partial:  # rank >= 2: (..., hidden) partial sums, broadcast over the last two axes
+    h = jnp.reshape(h, lead + (hidden,) + shape[-2:])
+    for part in partial:
+      h = h + jnp.moveaxis(part, -1, -3)
+    h = jnp.reshape(h, (n_lead, hidden, -1))
   layer = 1
-  while f"w{layer}" in net:
-    h = jnp.matmul(jax.nn.relu(h), net[f"w{layer}"], precision=HIGHEST) + net[f"b{layer}"]
+  while f"w{layer + 1}" in net:
+    h = jnp.einsum("hk,lhe->lke", net[f"w{layer}"], jax.nn.relu(h), precision=HIGHEST)
+    h = h + net[f"b{layer}"][:, None]
     layer += 1
-  return h[..., 0]
+  w_out, b_out = net[f"w{layer}"][:, :1], net[f"b{layer}"][:1]
+  out = jnp.einsum("hk,lhe->lke", w_out, jax.nn.relu(h), precision=HIGHEST) + b_out[:, None]
+  return jnp.reshape(out, shape)
 
 
 def accumulate_and_step(theta: Any, acc: Celo2Accumulators, grads: Any, params: Any,
