@@ -150,6 +150,18 @@ def _inv_rms(x: jax.Array, ndim: int, eps: float = 1e-9) -> jax.Array:
   return jax.lax.rsqrt(eps + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
 
 
+def _left_product(w: jax.Array, x: jax.Array, axis: int = -1) -> jax.Array:
+  """``y[..., k, ...] = sum_c w[c, k] x[..., c, ...]`` with ``w: (C, K)`` and the feature
+  axis ``axis`` of ``x`` (size ``C``); ``y`` has ``K`` at the position of ``axis``
+  (for ``axis = -1``: moved in front of the last two axes, as ``_mlp_direction`` lays
+  hidden units out). Float32 at ``Precision.HIGHEST``."""
+  axis = axis % x.ndim
+  y = jax.lax.dot_general(w, x, (((0,), (axis,)), ((), ())), precision=HIGHEST)
+  # dot_general puts w's free axis (K) first; move it to where the caller wants it.
+  dest = axis if axis < x.ndim - 1 else max(x.ndim - 3, 0)
+  return jnp.moveaxis(y, 0, dest)
+
+
 def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
   """Items 4-5: normalise each feature column, run the grouped MLP, take output 0.
 
@@ -181,22 +193,24 @@ def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
       [jnp.reshape(_inv_rms(groups[i], ndim), (n_lead, -1, 1)) * net[f"w0__{i}"]
        for i in full], axis=1)                                        # (l, F, hidden)
   hidden = w0.shape[-1]
-  h = jnp.einsum("lfh,lfe->lhe", w0, feats, precision=HIGHEST)
+  # The weights are the left operand of every product so that XLA keeps the (hidden, e)
+  # output layout (with the entries as the right operand it emits (e, hidden) products and
+  # transposes between the layers).
+  h = jax.lax.dot_general(w0, feats, (((1,), (1,)), ((0,), (0,))), precision=HIGHEST)
   h = h + net["b0"][:, None]
-  partial = [jnp.matmul(x * _inv_rms(x, ndim), net[f"w0__{i}"], precision=HIGHEST)
+  partial = [_left_product(net[f"w0__{i}"], x * _inv_rms(x, ndim))
              for i, x in enumerate(groups) if i not in full]
-  if partial:  # rank >= 2: (..., hidden) partial sums, broadcast over the last two axes
+  if partial:  # rank >= 2: L + (hidden,) + (1 or S[-2], 1 or S[-1]) partial sums
     h = jnp.reshape(h, lead + (hidden,) + shape[-2:])
     for part in partial:
-      h = h + jnp.moveaxis(part, -1, -3)
+      h = h + part
     h = jnp.reshape(h, (n_lead, hidden, -1))
   layer = 1
   while f"w{layer + 1}" in net:
-    h = jnp.einsum("hk,lhe->lke", net[f"w{layer}"], jax.nn.relu(h), precision=HIGHEST)
-    h = h + net[f"b{layer}"][:, None]
+    h = _left_product(net[f"w{layer}"], jax.nn.relu(h), axis=1) + net[f"b{layer}"][:, None]
     layer += 1
   w_out, b_out = net[f"w{layer}"][:, :1], net[f"b{layer}"][:1]
-  out = jnp.einsum("hk,lhe->lke", w_out, jax.nn.relu(h), precision=HIGHEST) + b_out[:, None]
+  out = _left_product(w_out, jax.nn.relu(h), axis=1) + b_out[:, None]
   return jnp.reshape(out, shape)
 
 
