@@ -76,6 +76,9 @@ def parse_args():
                        "'name=value,...' (e.g. xla_cpu_small_while_loop_byte_threshold=1e6)")
   ap.add_argument("--baseline_without_options", action="store_true",
                   help="compile the old version without spmd_lopt.xla_options' options")
+  ap.add_argument("--stack_variant", action="store_true",
+                  help="a version of the current code with the bench config's "
+                       "stack_antithetic flipped (PES halves in one scan vs two)")
   ap.add_argument("--unrolled_threefry", action="store_true",
                   help="a version compiled with jax's unrolled (non-CPU) threefry lowering")
   return ap.parse_args()
@@ -119,7 +122,7 @@ def load_old_modules(rev: str):
   return mods
 
 
-def build(args, mesh, old=None):
+def build(args, mesh, old=None, flip_stack=False):
   """``(learner, state)`` for the workload; with ``old`` modules, the old classes."""
   import jax  # pylint: disable=import-outside-toplevel
   from spmd_lopt import sharding  # pylint: disable=import-outside-toplevel
@@ -127,6 +130,8 @@ def build(args, mesh, old=None):
   bcfg = config.load_config(args.bench_config)
   bcfg.trunc_length = args.trunc_length
   bcfg.lopt = args.lopt
+  if flip_stack:
+    bcfg.stack_antithetic = not bcfg.stack_antithetic
   lrn, _ = workloads.build_learner(bcfg, args.workload.split(","), "pes", args.tasks, mesh)
   if old is not None:
     lopt = lrn.learned_opt if hasattr(lrn, "learned_opt") else None
@@ -276,6 +281,8 @@ def main():
     versions["opts"] = build(args, mesh)
   if args.unrolled_threefry:
     versions["unrolled"] = build(args, mesh)
+  if args.stack_variant:
+    versions["stack_flipped"] = build(args, mesh, flip_stack=True)
   calls = {}
   for tag, (lrn, state) in versions.items():
     opts = parse_options(args.options) if tag == "opts" else None
