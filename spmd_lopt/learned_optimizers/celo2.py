@@ -189,9 +189,11 @@ def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
   feats = jnp.concatenate(
       [jnp.swapaxes(jnp.reshape(groups[i], (n_lead, -1, groups[i].shape[-1])), -1, -2)
        for i in full], axis=1)
-  w0 = jnp.concatenate(
-      [jnp.reshape(_inv_rms(groups[i], ndim), (n_lead, -1, 1)) * net[f"w0__{i}"]
-       for i in full], axis=1)                                        # (l, F, hidden)
+  # Inverse RMS of every column over its entries, from the stacked columns in one
+  # reduction along their minor axis (per group it took a square, a split reduction and
+  # a finishing reduce each).
+  inv = jax.lax.rsqrt(1e-9 + jnp.mean(jnp.square(feats), axis=-1, keepdims=True))
+  w0 = inv * jnp.concatenate([net[f"w0__{i}"] for i in full], axis=0)  # (l, F, hidden)
   hidden = w0.shape[-1]
   # The weights are the left operand of every product so that XLA keeps the (hidden, e)
   # output layout (with the entries as the right operand it emits (e, hidden) products and
