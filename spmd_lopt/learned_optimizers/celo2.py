@@ -195,9 +195,9 @@ def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
   inv = jax.lax.rsqrt(1e-9 + jnp.mean(jnp.square(feats), axis=-1, keepdims=True))
   w0 = inv * jnp.concatenate([net[f"w0__{i}"] for i in full], axis=0)  # (l, F, hidden)
   hidden = w0.shape[-1]
-  # The weights are the left operand of every product so that XLA keeps the (hidden, e)
-  # output layout (with the entries as the right operand it emits (e, hidden) products and
-  # transposes between the layers).
+  # Every product is a dot_general with the weights as its left operand, so its output is
+  # (hidden, e) as written; through jnp.einsum XLA emitted (e, hidden) products and
+  # transposed between the layers (measured: 1.16x slower on the recipe's step).
   h = jax.lax.dot_general(w0, feats, (((1,), (1,)), ((0,), (0,))), precision=HIGHEST)
   h = h + net["b0"][:, None]
   partial = [_left_product(net[f"w0__{i}"], x * _inv_rms(x, ndim))
