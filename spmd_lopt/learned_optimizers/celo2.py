@@ -197,7 +197,8 @@ def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
   hidden = w0.shape[-1]
   # Every product is a dot_general with the weights as its left operand, so its output is
   # (hidden, e) as written; through jnp.einsum XLA emitted (e, hidden) products and
-  # transposed between the layers (measured: 1.16x slower on the recipe's step).
+  # transposed between the layers (interleaved A/Bs of the recipe step against one
+  # baseline: 1.28x with einsum, 1.49x with dot_general).
   h = jax.lax.dot_general(w0, feats, (((1,), (1,)), ((0,), (0,))), precision=HIGHEST)
   h = h + net["b0"][:, None]
   partial = [_left_product(net[f"w0__{i}"], x * _inv_rms(x, ndim))
