@@ -48,6 +48,7 @@ OLD_MODULES = {  # module name -> path in the repository
     "mlp_lopt": "spmd_lopt/learned_optimizers/mlp_lopt.py",
     "lopt_truncated_step": "spmd_lopt/outer_trainers/lopt_truncated_step.py",
     "truncated_pes": "spmd_lopt/outer_trainers/truncated_pes.py",
+    "celo2": "spmd_lopt/learned_optimizers/celo2.py",
 }
 
 
@@ -58,6 +59,14 @@ def parse_args():
   ap.add_argument("--devices", type=int, default=1)
   ap.add_argument("--trunc_length", type=int, default=50)
   ap.add_argument("--lopt", default="mlp_lopt")
+  ap.add_argument("--bench_config", default="configs/bench/tutorial.py",
+                  help="the bench config whose settings build the learner (batch size, "
+                       "lengths, std, stack_antithetic, ...); e.g. "
+                       "configs/bench/celo2_recipe.py")
+  ap.add_argument("--recipe", action="store_true",
+                  help="the Celo2 recipe: --bench_config configs/bench/celo2_recipe.py, its "
+                       "workloads (4 x synthetic8), its lopt (celo2) and 8 tasks per "
+                       "estimator, unless given")
   ap.add_argument("--reps", type=int, default=0, help="timed calls per version")
   ap.add_argument("--calls", type=int, default=1, help="update calls per timed sample")
   ap.add_argument("--baseline_rev", default=None)
@@ -67,6 +76,9 @@ def parse_args():
                        "'name=value,...' (e.g. xla_cpu_small_while_loop_byte_threshold=1e6)")
   ap.add_argument("--baseline_without_options", action="store_true",
                   help="compile the old version without spmd_lopt.xla_options' options")
+  ap.add_argument("--stack_variant", action="store_true",
+                  help="a version of the current code with the bench config's "
+                       "stack_antithetic flipped (PES halves in one scan vs two)")
   ap.add_argument("--unrolled_threefry", action="store_true",
                   help="a version compiled with jax's unrolled (non-CPU) threefry lowering")
   return ap.parse_args()
@@ -110,14 +122,16 @@ def load_old_modules(rev: str):
   return mods
 
 
-def build(args, mesh, old=None):
+def build(args, mesh, old=None, flip_stack=False):
   """``(learner, state)`` for the workload; with ``old`` modules, the old classes."""
   import jax  # pylint: disable=import-outside-toplevel
   from spmd_lopt import sharding  # pylint: disable=import-outside-toplevel
   from spmd_lopt.bench import config, workloads  # pylint: disable=import-outside-toplevel
-  bcfg = config.load_config("configs/bench/tutorial.py")
+  bcfg = config.load_config(args.bench_config)
   bcfg.trunc_length = args.trunc_length
   bcfg.lopt = args.lopt
+  if flip_stack:
+    bcfg.stack_antithetic = not bcfg.stack_antithetic
   lrn, _ = workloads.build_learner(bcfg, args.workload.split(","), "pes", args.tasks, mesh)
   if old is not None:
     lopt = lrn.learned_opt if hasattr(lrn, "learned_opt") else None
@@ -128,6 +142,8 @@ def build(args, mesh, old=None):
     for lo in lopts.values():
       if type(lo).__name__ == "MLPLOpt":
         lo.__class__ = old["mlp_lopt"].MLPLOpt
+      elif type(lo).__name__ in ("Celo2", "Celo2Base"):
+        lo.__class__ = getattr(old["celo2"], type(lo).__name__)
     for est in lrn.gradient_estimators:
       est.__class__ = getattr(old["truncated_pes"], type(est).__name__)
       step = est.truncated_step
@@ -243,6 +259,15 @@ def describe(tag, lrn, state, args, options=None):
 
 def main():
   args = parse_args()
+  if args.recipe:
+    if args.bench_config == "configs/bench/tutorial.py":
+      args.bench_config = "configs/bench/celo2_recipe.py"
+    if args.workload == "quadratic":
+      args.workload = "synthetic8,synthetic8,synthetic8,synthetic8"
+    if args.lopt == "mlp_lopt":
+      args.lopt = "celo2"
+    if args.tasks == 64:
+      args.tasks = 8
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}")
   import jax  # pylint: disable=import-outside-toplevel
@@ -256,6 +281,8 @@ def main():
     versions["opts"] = build(args, mesh)
   if args.unrolled_threefry:
     versions["unrolled"] = build(args, mesh)
+  if args.stack_variant:
+    versions["stack_flipped"] = build(args, mesh, flip_stack=True)
   calls = {}
   for tag, (lrn, state) in versions.items():
     opts = parse_options(args.options) if tag == "opts" else None

@@ -150,36 +150,71 @@ def _inv_rms(x: jax.Array, ndim: int, eps: float = 1e-9) -> jax.Array:
   return jax.lax.rsqrt(eps + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
 
 
+def _left_product(w: jax.Array, x: jax.Array, axis: int = -1) -> jax.Array:
+  """``y[..., k, ...] = sum_c w[c, k] x[..., c, ...]`` with ``w: (C, K)`` and the feature
+  axis ``axis`` of ``x`` (size ``C``); ``y`` has ``K`` at the position of ``axis``
+  (for ``axis = -1``: moved in front of the last two axes, as ``_mlp_direction`` lays
+  hidden units out). Float32 at ``Precision.HIGHEST``."""
+  axis = axis % x.ndim
+  y = jax.lax.dot_general(w, x, (((0,), (axis,)), ((), ())), precision=HIGHEST)
+  # dot_general puts w's free axis (K) first; move it to where the caller wants it.
+  dest = axis if axis < x.ndim - 1 else max(x.ndim - 3, 0)
+  return jnp.moveaxis(y, 0, dest)
+
+
 def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
   """Items 4-5: normalise each feature column, run the grouped MLP, take output 0.
 
-  With ``S`` the leaf's shape, ``L = S[:-2]`` its leading axes and ``n_c`` the inverse RMS
-  of column ``c`` (shape ``L``: constant over the last two axes), the first layer is
-  ``sum_c (x_c n_c) W0[c] = sum_c x_c (n_c W0[c])``: the norms are folded into one
-  ``(prod(L), F, hidden)`` weight per leaf and the raw full-size columns (``F`` = 15 or 18)
-  go through one batched product, so no normalised copy of them is written. The
-  row/column groups are ``O(S / S[d])`` arrays: they are normalised and multiplied
-  un-broadcast, and their ``hidden``-wide partial sums are broadcast-added.
+  With ``S`` the leaf's shape, ``L = S[:-2]`` its leading axes (``prod(L) = l``), ``e``
+  the entries of its last two axes and ``n_c`` the inverse RMS of column ``c`` (shape
+  ``L``: constant over the last two axes), the first layer is
+  ``sum_c (x_c n_c) W0[c] = sum_c (n_c W0[c]) x_c``: the norms are folded into one
+  ``(l, F, hidden)`` weight per leaf, so no normalised copy of the ``F`` (15 or 18) raw
+  full-size columns is written. The row/column groups are ``O(S / S[d])`` arrays: they are
+  normalised and multiplied un-broadcast, and their ``hidden``-wide partial sums are
+  broadcast-added.
+
+  Layout: entries on the minor axis. The columns are stacked as ``X: (l, F, e)`` and every
+  layer is ``H' = W^T H`` with ``H: (l, hidden, e)``, i.e. a ``(hidden, F) @ (F, e)``
+  product per leading index (per task under ``vmap``): long rows for the matrix library
+  and the vector units, where ``(e, F) @ (F, hidden)`` with ``F, hidden <= 18`` ran its
+  inner loops over 8-18 elements. Only output 0 of the last layer is computed.
   """
   ndim = groups[0].ndim - 1
   shape = groups[0].shape[:-1]
-  n_lead = int(np.prod(shape[:max(ndim - 2, 0)], dtype=np.int64))
+  lead = shape[:max(ndim - 2, 0)]
+  n_lead = int(np.prod(lead, dtype=np.int64))
   full = [i for i, x in enumerate(groups) if x.shape[:-1] == shape]
-  feats = jnp.concatenate([groups[i] for i in full], axis=-1)
-  feats = jnp.reshape(feats, (n_lead, -1, feats.shape[-1]))
-  w0 = jnp.concatenate(
-      [jnp.reshape(_inv_rms(groups[i], ndim), (n_lead, -1, 1)) * net[f"w0__{i}"]
+  # (l, F, e): each group's width axis moved in front of its entries.
+  feats = jnp.concatenate(
+      [jnp.swapaxes(jnp.reshape(groups[i], (n_lead, -1, groups[i].shape[-1])), -1, -2)
        for i in full], axis=1)
-  h = jnp.reshape(jnp.matmul(feats, w0, precision=HIGHEST), shape + w0.shape[-1:])
-  h = h + net["b0"]
-  for i, x in enumerate(groups):
-    if i not in full:
-      h = h + jnp.matmul(x * _inv_rms(x, ndim), net[f"w0__{i}"], precision=HIGHEST)
+  # Inverse RMS of every column over its entries, from the stacked columns in one
+  # reduction along their minor axis (per group it took a square, a split reduction and
+  # a finishing reduce each).
+  inv = jax.lax.rsqrt(1e-9 + jnp.mean(jnp.square(feats), axis=-1, keepdims=True))
+  w0 = inv * jnp.concatenate([net[f"w0__{i}"] for i in full], axis=0)  # (l, F, hidden)
+  hidden = w0.shape[-1]
+  # Every product is a dot_general with the weights as its left operand, so its output is
+  # (hidden, e) as written; through jnp.einsum XLA emitted (e, hidden) products and
+  # transposed between the layers (interleaved A/Bs of the recipe step against one
+  # baseline: 1.28x with einsum, 1.49x with dot_general).
+  h = jax.lax.dot_general(w0, feats, (((1,), (1,)), ((0,), (0,))), precision=HIGHEST)
+  h = h + net["b0"][:, None]
+  partial = [_left_product(net[f"w0__{i}"], x * _inv_rms(x, ndim))
+             for i, x in enumerate(groups) if i not in full]
+  if partial:  # rank >= 2: L + (hidden,) + (1 or S[-2], 1 or S[-1]) partial sums
+    h = jnp.reshape(h, lead + (hidden,) + shape[-2:])
+    for part in partial:
+      h = h + part
+    h = jnp.reshape(h, (n_lead, hidden, -1))
   layer = 1
-  while f"w{layer}" in net:
-    h = jnp.matmul(jax.nn.relu(h), net[f"w{layer}"], precision=HIGHEST) + net[f"b{layer}"]
+  while f"w{layer + 1}" in net:
+    h = _left_product(net[f"w{layer}"], jax.nn.relu(h), axis=1) + net[f"b{layer}"][:, None]
     layer += 1
-  return h[..., 0]
+  w_out, b_out = net[f"w{layer}"][:, :1], net[f"b{layer}"][:1]
+  out = _left_product(w_out, jax.nn.relu(h), axis=1) + b_out[:, None]
+  return jnp.reshape(out, shape)
 
 
 def accumulate_and_step(theta: Any, acc: Celo2Accumulators, grads: Any, params: Any,
