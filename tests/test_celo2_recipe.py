@@ -260,7 +260,8 @@ def test_ablation_configs_change_only_what_they_name_from_the_shipped_recipe():
   parent = config_lib.resolve(config_lib.load(
       os.path.join(ROOT, "configs", "celo2_digits_long.py"), []))
   mix, longtraj = _ablation("celo2_digits_mix"), _ablation("celo2_digits_longtraj")
-  for cfg in (mix, longtraj):
+  tensor = _ablation("celo2_digits_tensor")
+  for cfg in (mix, longtraj, tensor):
     assert cfg["lopt"] == dict(parent["lopt"], init_from="pretrained:celo2_digits")
     assert cfg["outer_opt"] == parent["outer_opt"]
   # long: the paper's lengths and offset, the same four tasks.
@@ -268,6 +269,10 @@ def test_ablation_configs_change_only_what_they_name_from_the_shipped_recipe():
     assert e["truncation"]["max_length"] == 2000
     assert e["random_initial_iteration_offset"] == 2000
     assert dict(e, truncation=p["truncation"], random_initial_iteration_offset=1000) == p
+  # tensor: one scale per parameter tensor, nothing else changed.
+  for e, p in zip(tensor["estimators"], parent["estimators"]):
+    assert e["augmentation"]["name"] == "reparam_tensor"
+    assert dict(e, augmentation=p["augmentation"]) == p
   # mix: only MLP classifiers on the digits, none of the suite's held-out kinds.
   tasks = [e["task"] for e in mix["estimators"]]
   assert len(tasks) == 4 and all(t.startswith(("ImageMLP_Digits8", "ParametricImageMLP_Digits8"))
