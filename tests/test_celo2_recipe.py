@@ -264,11 +264,14 @@ def test_ablation_configs_change_only_what_they_name_from_the_shipped_recipe():
   for cfg in (mix, longtraj, tensor):
     assert cfg["lopt"] == dict(parent["lopt"], init_from="pretrained:celo2_digits")
     assert cfg["outer_opt"] == parent["outer_opt"]
-  # long: the paper's lengths and offset, the same four tasks.
-  for e, p in zip(longtraj["estimators"], parent["estimators"]):
-    assert e["truncation"]["max_length"] == 2000
-    assert e["random_initial_iteration_offset"] == 2000
-    assert dict(e, truncation=p["truncation"], random_initial_iteration_offset=1000) == p
+  # long / short: other lengths and offsets (the paper's; the suite's horizon), same tasks.
+  shorttraj = _ablation("celo2_digits_shorttraj")
+  assert shorttraj["lopt"] == longtraj["lopt"] and shorttraj["outer_opt"] == parent["outer_opt"]
+  for cfg, length in ((longtraj, 2000), (shorttraj, 300)):
+    for e, p in zip(cfg["estimators"], parent["estimators"]):
+      assert e["truncation"]["max_length"] == length
+      assert e["random_initial_iteration_offset"] == length
+      assert dict(e, truncation=p["truncation"], random_initial_iteration_offset=1000) == p
   # tensor: one scale per parameter tensor, nothing else changed.
   for e, p in zip(tensor["estimators"], parent["estimators"]):
     assert e["augmentation"]["name"] == "reparam_tensor"
