@@ -11,9 +11,12 @@ training on longer trajectories fix the parent's slow start and carry over to th
 5x horizon (1,500 steps)?
 
 Time: an outer iteration costs what the parent recipe's does (the truncation is still 50
-steps); on this 2-core CPU, shared, see docs/notes/meta2.md for compile time, seconds per
-step and wall time of ``outer_steps`` below. Figures (meta-loss, held-out suite):
-docs/notes/meta2.md.
+steps); on this 2-core CPU, 1 device, shared (load average 8-10): compile 1.6 minutes,
+then 0.6 outer steps/s, 15.5 minutes wall for the 500 steps. Result: meta-loss flat (1.48 ->
+1.51, first vs last 6 logs); on the ``full`` suite's five 300-step digits entries (see
+``celo2_digits_mix.py``) loss-ratio IQM 1.44 as trained, 1.02 [0.816, 1.3] with a tuned
+multiplier, speedup IQM 0.646 / 0.673: slightly worse than the parent at 300 steps (its
+1,500-step entries were not run). Figures: docs/notes/meta2.md.
 
 Command:
   nice python -m spmd_lopt.launch --config configs/celo2_digits_longtraj.py \\

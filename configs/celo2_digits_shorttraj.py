@@ -12,8 +12,11 @@ entries); a meta-objective that only sees the first 300 steps weighs that early 
 The risk is the suite's 5x horizon (1,500 steps), which it never sees.
 
 Time: an outer iteration costs what the parent recipe's does (the truncation is still 50
-steps); on this 2-core CPU, shared, see docs/notes/meta2.md for compile time, seconds per
-step and wall time of ``outer_steps`` below. Figures: docs/notes/meta2.md.
+steps); on this 2-core CPU, 1 device, shared (load average 10-14): compile 4 minutes,
+then 0.55 outer steps/s, 17 minutes wall for the 450 steps. Result: meta-loss 1.69 -> 1.64
+(first vs last 6 logs); on the ``full`` suite's five 300-step digits entries loss-ratio IQM
+1.57 as trained and 1.17 [0.898, 1.58] tuned (parent 0.982), speedup IQM 0.699 / 0.749
+[0.526, 1.03] (parent 0.694): faster early, worse final loss. Figures: docs/notes/meta2.md.
 
 Command:
   nice python -m spmd_lopt.launch --config configs/celo2_digits_shorttraj.py \\

@@ -12,8 +12,13 @@ suite's wider and deeper MLPs, the LayerNorm MLP, the autoencoder) get a better 
 a rule trained to be invariant to each tensor's scale separately?
 
 Time: an outer iteration costs what the parent recipe's does (the scales are one multiply
-per tensor); on this 2-core CPU, shared, see docs/notes/meta2.md for compile time, seconds
-per step and wall time of ``outer_steps`` below. Figures: docs/notes/meta2.md.
+per tensor); on this 2-core CPU, 1 device, shared (load average ~10): compile 3 minutes,
+then 0.62 outer steps/s, 15 minutes wall for the 450 steps. Result: meta-loss 1.04 -> 0.98
+(first vs last 6 logs; lower than the others' because of the augmentation, not comparable);
+on the ``full`` suite's five 300-step digits entries loss-ratio IQM 1.57 as trained and 1.18
+[0.825, 1.57] tuned (worse than the parent's 0.982), speedup IQM 0.704 / 0.759 [0.535,
+1.17] (better than the parent's 0.694; best on the autoencoder: 0.726 / 1.38). Figures:
+docs/notes/meta2.md.
 
 Command:
   nice python -m spmd_lopt.launch --config configs/celo2_digits_tensor.py \\
