@@ -247,3 +247,49 @@ def _meta_gradients_on_1_and_8_devices(cfg):
 @pytest.mark.slow
 def test_recipe_meta_gradient_is_the_same_on_1_and_8_devices(devices):
   _meta_gradients_on_1_and_8_devices(config_lib.load(CONFIGS["celo2_digits"], TINY))
+
+
+# --- the meta2 ablations (configs/celo2_digits_mix.py, celo2_digits_longtraj.py) --------
+
+def _ablation(name):
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  return config_lib.resolve(config_lib.load(path, []))
+
+
+def test_ablation_configs_change_only_what_they_name_from_the_shipped_recipe():
+  parent = config_lib.resolve(config_lib.load(
+      os.path.join(ROOT, "configs", "celo2_digits_long.py"), []))
+  mix, longtraj = _ablation("celo2_digits_mix"), _ablation("celo2_digits_longtraj")
+  tensor = _ablation("celo2_digits_tensor")
+  for cfg in (mix, longtraj, tensor):
+    assert cfg["lopt"] == dict(parent["lopt"], init_from="pretrained:celo2_digits")
+    assert cfg["outer_opt"] == parent["outer_opt"]
+  # long / short: other lengths and offsets (the paper's; the suite's horizon), same tasks.
+  shorttraj = _ablation("celo2_digits_shorttraj")
+  assert shorttraj["lopt"] == longtraj["lopt"] and shorttraj["outer_opt"] == parent["outer_opt"]
+  for cfg, length in ((longtraj, 2000), (shorttraj, 300)):
+    for e, p in zip(cfg["estimators"], parent["estimators"]):
+      assert e["truncation"]["max_length"] == length
+      assert e["random_initial_iteration_offset"] == length
+      assert dict(e, truncation=p["truncation"], random_initial_iteration_offset=1000) == p
+  # tensor: one scale per parameter tensor, nothing else changed.
+  for e, p in zip(tensor["estimators"], parent["estimators"]):
+    assert e["augmentation"]["name"] == "reparam_tensor"
+    assert dict(e, augmentation=p["augmentation"]) == p
+  # mix: only MLP classifiers on the digits, none of the suite's held-out kinds.
+  tasks = [e["task"] for e in mix["estimators"]]
+  assert len(tasks) == 4 and all(t.startswith(("ImageMLP_Digits8", "ParametricImageMLP_Digits8"))
+                                 for t in tasks)
+  for e, p in zip(mix["estimators"], parent["estimators"]):
+    assert dict(e, task=p["task"], task_kwargs=p["task_kwargs"]) == p
+
+
+def test_mix_config_builds_its_parametric_families(tmp_path, devices):
+  cfg = config_lib.load(os.path.join(ROOT, "configs", "celo2_digits_mix.py"),
+                        [("data_dir", str(tmp_path))] + TINY)
+  learner, state = config_lib.abstract_learner_state(
+      cfg, mesh=sharding.make_mesh(num_devices=8))
+  assert len(state.gradient_estimator_states) == 4
+  fams = [e.truncated_step.task_family for e in learner.gradient_estimators]
+  archs = [getattr(getattr(f, "task_family", f), "architectures", None) for f in fams]
+  assert archs[2:] == [((64, 32),), ((32, 32, 32),)]

@@ -112,6 +112,23 @@ def test_two_estimators_with_their_own_tasks_build_one_learner():
   assert len(jax.tree.leaves(state)) > 0
 
 
+def test_parametric_mlp_architectures_and_activations_come_from_the_config():
+  # Its hidden sizes are a list of lists and its activations a list of names: both must
+  # pass the kwargs check (it once accepted only lists of numbers) and reach the family.
+  cfg = small()
+  cfg["estimators"][0].update(task="ParametricImageMLP_Digits8", task_kwargs=dict(
+      architectures=[[8, 4]], activations=["tanh", "elu"]))
+  family = builders.make_task_family_from_entry("e", builders.resolve(cfg)["estimators"][0])
+  assert family.architectures == ((8, 4),)
+  assert family.activation_names == ("tanh", "elu")
+  for kwargs, expect in ((dict(architectures=[8, 4]), "architectures[0]"),
+                         (dict(architectures=[[8, "x"]]), "architectures[0][1]"),
+                         (dict(activations=[1]), "activations[0]")):
+    cfg["estimators"][0]["task_kwargs"] = kwargs
+    one_line_error(lambda: builders.make_task_family_from_entry(
+        "e", builders.resolve(cfg)["estimators"][0]), expect)
+
+
 # --- one-line errors ------------------------------------------------------------------
 
 @pytest.mark.parametrize("where,key,expect", [

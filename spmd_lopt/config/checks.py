@@ -89,11 +89,16 @@ def _check_like(key: str, v, kind: str) -> None:
     as_float(key, v)
   elif kind == "str":
     as_str(key, v)
-  elif kind == "seq":
+  elif kind.startswith("seq"):
+    # "seq" holds numbers; "seq:str" strings; "seq:seq" lists of numbers (e.g. the
+    # hidden sizes of ParametricImageMLP's architectures): the element kind is read
+    # off the default, so a config can give every sequence argument a family takes.
+    inner = kind.partition(":")[2] or "float"
+    what = {"float": "numbers", "str": "strings", "seq": "lists of numbers"}[inner]
     if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
-      raise ValueError(f"{key} must be a list of numbers, got {v!r}.")
+      raise ValueError(f"{key} must be a list of {what}, got {v!r}.")
     for i, x in enumerate(v):
-      as_float(f"{key}[{i}]", x)
+      _check_like(f"{key}[{i}]", x, inner)
 
 
 def _kind_of(param: inspect.Parameter) -> tuple[str, bool]:
@@ -109,7 +114,10 @@ def _kind_of(param: inspect.Parameter) -> tuple[str, bool]:
   if isinstance(d, str):
     return "str", "Optional" in ann
   if isinstance(d, (list, tuple)):
-    return "seq", "Optional" in ann
+    first = d[0] if d else None
+    inner = (":str" if isinstance(first, str) else
+             ":seq" if isinstance(first, (list, tuple)) else "")
+    return "seq" + inner, "Optional" in ann
   for kind in ("bool", "float", "int", "str"):
     if kind in ann and "Callable" not in ann and "Union" not in ann:
       return kind, d is None
