@@ -26,6 +26,8 @@ versions run in one process on the same machine load. The learner itself (and so
 compiler options, ``spmd_lopt.xla_options``) is the current one for both.
 ``--options k=v,...`` adds a version compiled with extra XLA compiler options;
 ``--unrolled_threefry`` one compiled with jax's non-CPU (unrolled) threefry lowering;
+``--baseline_all_options`` compiles it with them whatever the tasks' tensor sizes (the
+learner's behaviour before ``step_options``' size gate);
 ``--baseline_without_options`` compiles the old version without those options (with
 ``--baseline_rev HEAD``: an A/B of the options alone).
 """
@@ -74,6 +76,9 @@ def parse_args():
   ap.add_argument("--options", default=None,
                   help="a third version: ours compiled with these XLA compiler options, "
                        "'name=value,...' (e.g. xla_cpu_small_while_loop_byte_threshold=1e6)")
+  ap.add_argument("--baseline_all_options", action="store_true",
+                  help="compile the old version with spmd_lopt.xla_options' options whatever "
+                       "the tasks' sizes (before the size gate of step_options)")
   ap.add_argument("--baseline_without_options", action="store_true",
                   help="compile the old version without spmd_lopt.xla_options' options")
   ap.add_argument("--stack_variant", action="store_true",
@@ -289,14 +294,12 @@ def main():
     if tag == "unrolled":
       with unrolled_threefry():
         compiled = describe(tag, lrn, state, args, opts)
-    elif tag == "old" and args.baseline_without_options:
+    elif tag == "old" and (args.baseline_without_options or args.baseline_all_options):
       from spmd_lopt import xla_options  # pylint: disable=import-outside-toplevel
-      keep = xla_options.step_options
-      xla_options.step_options = lambda mesh=None: {}  # the jit is made (and kept) here
-      try:
-        compiled = describe(tag, lrn, state, args, opts)
-      finally:
-        xla_options.step_options = keep
+      # The learner's jits are made (and kept) at the first compile, from this attribute.
+      lrn.compiler_options = ({} if args.baseline_without_options
+                              else xla_options.step_options(mesh))
+      compiled = describe(tag, lrn, state, args, opts)
     else:
       compiled = describe(tag, lrn, state, args, opts)
     if opts or tag == "unrolled":

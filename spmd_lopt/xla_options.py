@@ -13,6 +13,16 @@ inner step from 129 to 50 MB and the step's temporaries from 20.5 to 6.9 MB
 The option is experimental in XLA: ``step_options`` probes once per process that this
 jaxlib knows it (a tiny compile) and returns ``{}`` otherwise, so an XLA that renamed it
 compiles as before instead of failing. Other platforms get ``{}``.
+
+The library graph only pays when the products have rows to fill it: a task whose largest
+parameter tensor has ``n`` entries gives products ``[tasks, n, 8..32] @ [tasks, 8..32, 32]``.
+Interleaved A/B of that 3-layer chain (plain / fused CPU time, loaded; ``docs/notes/quad.md``):
+``n = 10`` 0.97x and 1.07x in two runs (inside the noise), ``n = 40`` 1.36x / 1.32x,
+``n = 512`` 1.37x, ``n = 2048`` 1.69x / 1.81x; and the whole fused meta step on 10-d quadratics (64 PES tasks, MLPLOpt) ran as fast
+or faster without the option (three A/Bs, CPU time 1.09x, 1.06x, 1.04x; wall 1.09x, 1.06x,
+0.99x). So ``step_options`` takes the largest per-task tensor size
+(``max_entries``) when the caller knows it and keeps the default compile below
+``MIN_LIBRARY_ROWS`` entries.
 """
 
 from __future__ import annotations
@@ -23,6 +33,9 @@ import jax
 import jax.numpy as jnp
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+# Below this many rows per product the fused library graph is no faster (see above); 32 is
+# between the measured 10 (no gain) and 40 (1.36x).
+MIN_LIBRARY_ROWS = 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,11 +48,19 @@ def _cpu_options_supported() -> bool:
   return True
 
 
-def step_options(mesh: jax.sharding.Mesh | None = None) -> dict:
+def step_options(mesh: jax.sharding.Mesh | None = None,
+                 max_entries: int | None = None) -> dict:
   """Compiler options for a program running on ``mesh``'s devices (default devices when
-  ``None``): ``CPU_OPTIONS`` on CPU when this XLA supports them, else ``{}``."""
+  ``None``): ``CPU_OPTIONS`` on CPU when this XLA supports them, else ``{}``.
+
+  max_entries: the size of the largest parameter tensor of one inner task (the rows of
+  the per-parameter MLP's products), if known; below ``MIN_LIBRARY_ROWS`` the options are
+  left out. ``None`` (unknown) keeps them.
+  """
   devices = mesh.devices.flat if mesh is not None else jax.devices()
   platform = next(iter(devices)).platform
+  if max_entries is not None and max_entries < MIN_LIBRARY_ROWS:
+    return {}
   if platform == "cpu" and _cpu_options_supported():
     return dict(CPU_OPTIONS)
   return {}

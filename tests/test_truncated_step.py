@@ -169,3 +169,43 @@ def test_optimizers_descend_a_quadratic(opt):
     state = step(state)
   assert int(state.iteration) == 100
   assert task.loss(opt.get_params(state), None, None) < 0.1 * loss0
+
+
+def test_unroll_prepares_theta_once_with_the_same_numbers_as_single_steps():
+  """``unroll`` hands the lopt ``prepare_theta(theta)`` (MLPLOpt: its first kernel split
+  once, outside the scan); stepping ``unroll_step`` with the raw theta must agree bit for
+  bit, per-task (vector) thetas included."""
+  step = _step(num_tasks=4, length=3)
+  theta = step.outer_init(jax.random.key(0))
+  thetas = jax.tree.map(lambda t: t + 0.01 * jnp.arange(4.0).reshape((4,) + (1,) * t.ndim),
+                        theta)
+  state0 = step.init_step_state(theta, OS, jax.random.key(1))
+  key = jax.random.key(2)
+  for th, vec in ((theta, False), (thetas, True)):
+    state, out = jax.jit(lambda s, th=th, vec=vec: step.unroll(
+        th, s, key, 5, OS, theta_is_vector=vec))(state0)
+    ref = state0
+    single = jax.jit(lambda s, k, th=th, vec=vec: step.unroll_step(
+        th, s, k, outer_state=OS, theta_is_vector=vec))
+    for i in range(5):
+      ref, ref_out = single(ref, jax.random.fold_in(key, i))
+      np.testing.assert_array_equal(np.asarray(out.loss[i]), np.asarray(ref_out.loss))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mlp_lopt_prepared_theta_gives_the_same_update():
+  lopt = mlp_lopt.MLPLOpt()
+  theta = lopt.init(jax.random.key(0))
+  split = lopt.prepare_theta(theta)
+  assert isinstance(split, mlp_lopt.SplitTheta)
+  assert split.tensor_kernel.shape == (8, 32) and split.step_kernel.shape == (11, 32)
+  assert lopt.prepare_theta(split) is split
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
+  grad = jax.tree.map(lambda p: 0.3 * p + 0.1, params)
+  outs = []
+  for th in (theta, split):
+    opt = lopt.opt_fn(th)
+    outs.append(jax.jit(opt.update)(opt.init(params), grad).params)
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -60,6 +60,18 @@ class _PerParamMLP(nn.Module):
 
 
 @flax.struct.dataclass
+class SplitTheta:
+  """theta with the first layer's kernel ``[19, hidden]`` split into its rows for the 8
+  tensor features (``tensor_kernel``, ``[8, hidden]``) and for the 11 step features
+  (``step_kernel``, ``[11, hidden]``); ``bias0`` ``[hidden]``; ``layers``: the later layers'
+  ``{"kernel", "bias"}`` dicts, in order. ``MLPLOpt.prepare_theta`` builds it."""
+  tensor_kernel: jax.Array
+  step_kernel: jax.Array
+  bias0: jax.Array
+  layers: tuple
+
+
+@flax.struct.dataclass
 class MLPLOptState:
   """params; rolling_features: per-leaf momenta with a trailing axis of size 6;
   iteration: int32 step count; state: model state passed through."""
@@ -87,9 +99,26 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
   def init(self, key):
     return self._mlp.init(key, jnp.zeros([1, NUM_FEATURES], jnp.float32))
 
+  def prepare_theta(self, theta) -> SplitTheta:
+    """theta as ``opt_fn`` reads it (``SplitTheta``); ``opt_fn`` accepts either form.
+
+    Callers that run many steps with one theta (the truncated step's ``unroll``) call this
+    once outside their loop: the row blocks are slices of the kernel, which XLA would
+    otherwise copy out of it on every inner step (two copies of ``[tasks, 8 | 11, 32]``
+    per step, loop-invariant, not hoisted by XLA's CPU pipeline).
+    """
+    if isinstance(theta, SplitTheta):
+      return theta
+    layers = [theta["params"][f"Dense_{i}"] for i in range(len(theta["params"]))]
+    n_tensor = NUM_FEATURES - len(TANH_TIMESCALES)
+    kernel = layers[0]["kernel"]
+    return SplitTheta(tensor_kernel=kernel[:n_tensor], step_kernel=kernel[n_tensor:],
+                      bias0=layers[0]["bias"], layers=tuple(layers[1:]))
+
   def opt_fn(self, theta, is_training=False):
     del is_training
     exp_mult, step_mult = self.exp_mult, self.step_mult
+    split = self.prepare_theta(theta)
 
     class _Opt(opt_base.Optimizer):
       name = "MLPLOpt"
@@ -112,17 +141,15 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
         # layer factors: [x, s] @ W0 + b0 = x @ W0[:8] + (s @ W0[8:] + b0). The second term
         # is computed once per step, and the [n, 19] feature matrix is never built
         # (-17% FLOPs, -30% step time on the tutorial workload; docs/PERFORMANCE.md).
-        layers = [theta["params"][f"Dense_{i}"] for i in range(len(theta["params"]))]
-        n_tensor = NUM_FEATURES - len(TANH_TIMESCALES)
-        step_bias = step_features @ layers[0]["kernel"][n_tensor:] + layers[0]["bias"]
+        step_bias = step_features @ split.step_kernel + split.bias0
 
         def update_tensor(p, g, m):
           n = max(p.size, 1)
           tensor_feats = jnp.concatenate(
               [g.reshape(n, 1), p.reshape(n, 1), m.reshape(n, m.shape[-1])], axis=-1)
           tensor_feats = second_moment_normalizer(tensor_feats.astype(jnp.float32), [0])
-          h = tensor_feats @ layers[0]["kernel"][:n_tensor] + step_bias
-          for layer in layers[1:]:
+          h = tensor_feats @ split.tensor_kernel + step_bias
+          for layer in split.layers:
             h = jax.nn.relu(h) @ layer["kernel"] + layer["bias"]
           direction, magnitude = h[:, 0], h[:, 1]
           step = direction * jnp.exp(magnitude * exp_mult) * step_mult

@@ -94,6 +94,23 @@ def with_family_datasets(est, datasets):
   return out
 
 
+def largest_task_tensor(est) -> Optional[int]:
+  """Entries of the largest parameter tensor of one of ``est``'s inner tasks, found
+  abstractly (``eval_shape`` of the family's ``sample`` and the task's
+  ``init_with_state``); ``None`` for an estimator without a truncated step's task family.
+  The step's compiler options depend on it (``xla_options.step_options``)."""
+  family = getattr(getattr(est, "truncated_step", None), "task_family", None)
+  if family is None:
+    return None
+
+  def params(key):
+    k_sample, k_init = jax.random.split(key)
+    return family.task_fn(family.sample(k_sample)).init_with_state(k_init)[0]
+
+  shapes = jax.eval_shape(params, jax.random.key(0))
+  return max((int(x.size) for x in jax.tree.leaves(shapes)), default=0)
+
+
 class SpmdGradientLearner:
   """Meta-train ``meta_init`` with ``gradient_estimators``, tasks sharded over a mesh.
 
@@ -134,6 +151,11 @@ class SpmdGradientLearner:
     self._host_fed = tuple(estimator_base.has_host_datasets(getattr(e, "truncated_step",
                                                                     None))
                            for e in self.gradient_estimators)
+    sizes = [largest_task_tensor(e) for e in self.gradient_estimators]
+    # The largest products of the step decide whether XLA's CPU library graphs pay
+    # (xla_options.step_options); unknown for any estimator -> keep the default (None).
+    max_entries = None if None in sizes else max(sizes)
+    self.compiler_options = xla_options.step_options(self.mesh, max_entries)
     self._jit_init = None
     self._jit_update = {}
     self._jit_update_many = {}
@@ -269,7 +291,7 @@ class SpmdGradientLearner:
         _, grads, losses, _ = self._estimate(state, key, None, datasets)
         return jax.tree.map(lambda *g: sum(g) / len(g), *grads), jnp.mean(losses)
       self._jit_meta_gradient = jax.jit(
-          fn, compiler_options=xla_options.step_options(self.mesh))
+          fn, compiler_options=self.compiler_options)
     return self._jit_meta_gradient(state, sharding.replicate(key, self.mesh),
                                    self._datasets)
 
@@ -327,7 +349,7 @@ class SpmdGradientLearner:
     if with_metrics not in self._jit_update:
       self._jit_update[with_metrics] = jax.jit(
           lambda s, k, d, ds: self._step(s, k, with_metrics, d, ds), donate_argnums=(0,),
-          compiler_options=xla_options.step_options(self.mesh))
+          compiler_options=self.compiler_options)
     return self._jit_update[with_metrics]
 
   def lower_update(self, state: SingleMachineState, key, steps_per_call: int = 1,
@@ -362,7 +384,7 @@ class SpmdGradientLearner:
         state, (losses, metrics) = jax.lax.scan(body, state, jax.random.split(key, num_steps))
         return state, losses, metrics
       self._jit_update_many[cache_key] = jax.jit(
-          many, donate_argnums=(0,), compiler_options=xla_options.step_options(self.mesh))
+          many, donate_argnums=(0,), compiler_options=self.compiler_options)
     return self._jit_update_many[cache_key]
 
 

@@ -266,6 +266,11 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     task_ids = self._task_ids(task_ids)
     key = threefry.as_unrolled(key)  # same bits, no rolled hash loops on CPU
     data = data if _has_leaves(data) else None
+    # theta is fixed over the unroll: what the optimizer derives from it alone (MLPLOpt:
+    # its first kernel's two row blocks) is computed once here rather than in every step.
+    prepare = getattr(self.learned_opt, "prepare_theta", None)
+    if prepare is not None:
+      theta = jax.vmap(prepare)(theta) if theta_is_vector else prepare(theta)
 
     def body(state, xs):
       step, batch = xs
