@@ -13,6 +13,8 @@ total outer steps and wall time of the chain.
   python scripts/ship_pretrained.py --workdir runs/celo2_digits_short \\
       --name celo2_digits_short --reproduce configs/celo2_digits_short.py \\
       [--suite eval_quick/suite.json]
+  python scripts/ship_pretrained.py --name celo2_digits --suite eval_full/suite.json \\
+      --add_suite_as suite_full_300   # a later evaluation's aggregates, theta unchanged
 """
 
 import argparse
@@ -57,15 +59,35 @@ def lineage(config: dict, outer_steps: int, train_time_s: float) -> dict:
                                                                 parent["train_time_s"]))}
 
 
+def add_suite(name: str, suite_path: str, key: str, label: str, out: str):
+  """Attach a later evaluation's aggregates to an already shipped ``<out>/<name>.lopt``
+  as ``extra[key]`` (theta and the rest of the metadata unchanged)."""
+  path = os.path.join(out, name + ".lopt")
+  ckpt = ckpt_lib.load_parameter_checkpoint(path)
+  extra = dict(ckpt.extra)
+  extra[key] = suite_aggregates(_read_json(suite_path), label or name)
+  digest = ckpt_lib.save_parameter_checkpoint(path, ckpt.lopt, ckpt.theta, extra=extra)
+  print(f"added {key} to {path} (sha256 {digest[:12]}...)")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--workdir", default="")
   ap.add_argument("--name", required=True)
-  ap.add_argument("--reproduce", required=True, help="the config file that reproduces it")
+  ap.add_argument("--reproduce", default="", help="the config file that reproduces it")
   ap.add_argument("--suite", default="", help="suite.json of an evaluation")
   ap.add_argument("--suite_label", default="", help="the shipped optimizer's label there")
+  ap.add_argument("--add_suite_as", default="",
+                  help="only attach --suite's aggregates to the shipped NAME under this key")
   ap.add_argument("--out", default=specs.PRETRAINED_DIR)
   args = ap.parse_args()
+  if args.add_suite_as:
+    if not args.suite:
+      ap.error("--add_suite_as needs --suite")
+    add_suite(args.name, args.suite, args.add_suite_as, args.suite_label, args.out)
+    return
+  if not (args.workdir and args.reproduce):
+    ap.error("--workdir and --reproduce are required to ship a run")
   ckpt = ckpt_lib.load_parameter_checkpoint(os.path.join(args.workdir, "theta.lopt"))
   summary = _read_json(os.path.join(args.workdir, "summary.json"))
   with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
