@@ -7,9 +7,7 @@ pretrained:celo2_digits x the 11 lr multipliers); eval_every 10 is the @300 entr
 """
 import sys
 import time
-from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -22,25 +20,13 @@ from spmd_lopt.tasks.fixed import conv
 from spmd_lopt.tasks.fixed.classification import ImageClassificationTask
 
 
-class FlaxConvPool(nn.Module):
-  channels: Sequence[int]
-  num_classes: int = 10
-
-  @nn.compact
-  def __call__(self, x):
-    for i, c in enumerate(self.channels):
-      s = 2 if i == 0 else 1
-      x = nn.relu(nn.Conv(c, (3, 3), strides=(s, s), padding="SAME")(x))
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
-
-
 def main():
   steps, every = int(sys.argv[1]), int(sys.argv[2])
   which = sys.argv[3] if len(sys.argv) > 3 else "adam"
   rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 2
   ds = ds_lib.digits8_datasets(128)
   fams = {"A nn.Conv": tasks_base.single_task_to_family(
-              ImageClassificationTask(FlaxConvPool((16, 32), 10), ds, name="convA")),
+              ImageClassificationTask(conv.ConvPool((16, 32), 10, patches=False), ds, name="convA")),
           "B patches": tasks_base.single_task_to_family(
               ImageClassificationTask(conv.ConvPool((16, 32), 10), ds, name="convB"))}
   keys = jax.random.split(jax.random.key(0), 5)

@@ -1,9 +1,7 @@
 """``conv.PatchConv`` / ``conv_same_as_matmul``: the same function, gradients, parameters
 and init as flax ``nn.Conv`` with 'SAME' padding, also under vmap over kernels."""
 
-from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,19 +12,6 @@ from spmd_lopt.tasks.fixed import conv
 def _lax_conv(x, kernel, strides):
   return jax.lax.conv_general_dilated(x, kernel, strides, "SAME",
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-class _FlaxConvPool(nn.Module):
-  """The former ``ConvPool``, on ``nn.Conv``: the reference the new one must equal."""
-  channels: Sequence[int]
-  num_classes: int = 10
-
-  @nn.compact
-  def __call__(self, x):
-    for i, c in enumerate(self.channels):
-      s = 2 if i == 0 else 1
-      x = nn.relu(nn.Conv(c, (3, 3), strides=(s, s), padding="SAME")(x))
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
 CASES = [((8, 8), (3, 3), (2, 2)), ((4, 4), (3, 3), (1, 1)), ((7, 5), (3, 3), (2, 2)),
@@ -67,7 +52,7 @@ def test_same_padding_matches_xla():
 
 
 def test_convpool_same_tree_init_function_and_grads_under_vmap():
-  ours, ref = conv.ConvPool((16, 32)), _FlaxConvPool((16, 32))
+  ours, ref = conv.ConvPool((16, 32)), conv.ConvPool((16, 32), patches=False)
   x = np.random.RandomState(1).uniform(size=(16, 8, 8, 1)).astype(np.float32)
 
   def loss(module, params):

@@ -78,18 +78,24 @@ class PatchConv(nn.Module):
 class ConvPool(nn.Module):
   """f32[B, H, W, C] -> conv stack (first stride 2) -> global mean pool -> Dense(K).
 
-  The convolutions are ``PatchConv`` (``nn.Conv``'s parameters, names ``Conv_<i>``, init
-  and function, but matmuls under ``vmap``; see ``conv_same_as_matmul``)."""
+  ``patches=True`` (default): the convolutions are ``PatchConv`` (``nn.Conv``'s parameters,
+  names ``Conv_<i>``, init and function, but matmuls under ``vmap``; see
+  ``conv_same_as_matmul``). ``patches=False``: flax's ``nn.Conv`` itself, the same
+  parameters and function without the patches' 9x activation memory (large inputs, many
+  tasks), but a slow grouped convolution under ``vmap`` on XLA's CPU backend."""
   channels: Sequence[int]
   num_classes: int = 10
   activation: Callable[[jax.Array], jax.Array] = nn.relu
+  patches: bool = True
 
   @nn.compact
   def __call__(self, x):
     for i, c in enumerate(self.channels):
-      stride = 2 if i == 0 else 1
-      # named as nn.Conv's auto-names, so the parameter tree (and its init keys) is unchanged
-      x = self.activation(PatchConv(c, (3, 3), (stride, stride), name=f"Conv_{i}")(x))
+      stride = (2, 2) if i == 0 else (1, 1)
+      # named as nn.Conv's auto-names, so the parameter tree (and its init keys) is the same
+      layer = (PatchConv(c, (3, 3), stride, name=f"Conv_{i}") if self.patches else
+               nn.Conv(c, (3, 3), strides=stride, padding="SAME", name=f"Conv_{i}"))
+      x = self.activation(layer(x))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
