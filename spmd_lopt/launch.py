@@ -161,8 +161,9 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
   with stopping.StopRequest() as stop:
     try:
       first, num_calls = start.step // spc, cfg.outer_steps // spc
+      ahead = keys.keys_ahead(call_keys, lambda: state)
       for c in range(first, num_calls):
-        key = call_keys[c - first]
+        key = next(ahead)
         if spc == 1:
           state, loss, metrics = learner.update(state, key, with_metrics=True)
         else:
