@@ -16,7 +16,7 @@ then 0.6 outer steps/s, 15.5 minutes wall for the 500 steps. Result: meta-loss f
 1.51, first vs last 6 logs); on the ``full`` suite's five 300-step digits entries (see
 ``celo2_digits_mix.py``) loss-ratio IQM 1.44 as trained, 1.02 [0.816, 1.3] with a tuned
 multiplier, speedup IQM 0.646 / 0.673: slightly worse than the parent at 300 steps (its
-1,500-step entries were not run). Figures: docs/notes/meta2.md.
+1,500-step entries were not run). Figures: docs/eval/ablations.md.
 
 Command:
   nice python -m spmd_lopt.launch --config configs/celo2_digits_longtraj.py \\

@@ -16,7 +16,7 @@ steps); on this 2-core CPU, 1 device, shared (load average 10-14): compile 4 min
 then 0.55 outer steps/s, 17 minutes wall for the 450 steps. Result: meta-loss 1.69 -> 1.64
 (first vs last 6 logs); on the ``full`` suite's five 300-step digits entries loss-ratio IQM
 1.57 as trained and 1.17 [0.898, 1.58] tuned (parent 0.982), speedup IQM 0.699 / 0.749
-[0.526, 1.03] (parent 0.694): faster early, worse final loss. Figures: docs/notes/meta2.md.
+[0.526, 1.03] (parent 0.694): faster early, worse final loss. Figures: docs/eval/ablations.md.
 
 Command:
   nice python -m spmd_lopt.launch --config configs/celo2_digits_shorttraj.py \\

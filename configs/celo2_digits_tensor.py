@@ -18,7 +18,7 @@ then 0.62 outer steps/s, 15 minutes wall for the 450 steps. Result: meta-loss 1.
 on the ``full`` suite's five 300-step digits entries loss-ratio IQM 1.57 as trained and 1.18
 [0.825, 1.57] tuned (worse than the parent's 0.982), speedup IQM 0.704 / 0.759 [0.535,
 1.17] (better than the parent's 0.694; best on the autoencoder: 0.726 / 1.38). Figures:
-docs/notes/meta2.md.
+docs/eval/ablations.md.
 
 Command:
   nice python -m spmd_lopt.launch --config configs/celo2_digits_tensor.py \\

@@ -16,7 +16,7 @@ compiles as before instead of failing. Other platforms get ``{}``.
 
 The library graph only pays when the products have rows to fill it: a task whose largest
 parameter tensor has ``n`` entries gives products ``[tasks, n, 8..32] @ [tasks, 8..32, 32]``.
-Interleaved A/B of that 3-layer chain (plain / fused CPU time, loaded; ``docs/notes/quad.md``):
+Interleaved A/B of that 3-layer chain (plain / fused CPU time, loaded; ``docs/perf_round3/small_tasks.md``):
 ``n = 10`` 0.97x and 1.07x in two runs (inside the noise), ``n = 40`` 1.36x / 1.32x,
 ``n = 512`` 1.37x, ``n = 2048`` 1.69x / 1.81x; and the whole fused meta step on 10-d quadratics (64 PES tasks, MLPLOpt) ran as fast
 or faster without the option (three A/Bs, CPU time 1.09x, 1.06x, 1.04x; wall 1.09x, 1.06x,
