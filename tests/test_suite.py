@@ -132,10 +132,65 @@ def test_scaled_update_of_adam_is_adam_at_the_scaled_learning_rate():
                                rtol=1e-5)
 
 
+def test_scaled_update_with_decay_of_adam_is_adamw():
+  """``m (p' - p) - m decay p`` on Adam(lr) with ``decay = wd lr`` is AdamW(m lr, wd)."""
+  from spmd_lopt.optimizers.base import AdamW  # pylint: disable=import-outside-toplevel
+  params = {"w": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.asarray(0.7)}
+  grads = [{"w": jnp.asarray(g), "b": jnp.asarray(b)}
+           for g, b in (([0.3, -1.0, 2.0], 0.2), ([0.1, 0.4, -0.2], -0.5))]
+  lr, wd = 1e-2, 0.5
+  for m in (1.0, 3.0):
+    scaled = lr_scaled.ScaledUpdateOptimizer(Adam(lr), m, wd * lr)
+    ref = AdamW(m * lr, weight_decay=wd)
+    s1, s2 = scaled.init(params), ref.init(params)
+    for g in grads:
+      s1, s2 = scaled.update(s1, g), ref.update(s2, g)
+    for k in params:
+      np.testing.assert_allclose(scaled.get_params(s1)[k], ref.get_params(s2)[k], rtol=1e-6)
+    # and the decay moved them: not the decay-free run
+    plain = lr_scaled.ScaledUpdateOptimizer(Adam(lr), m)
+    s3 = plain.init(params)
+    for g in grads:
+      s3 = plain.update(s3, g)
+    assert not np.allclose(scaled.get_params(s1)["w"], plain.get_params(s3)["w"], rtol=1e-6)
+
+
+def test_learned_optimizer_weight_decay_row_is_tuned_over_all_points(tmp_path):
+  suite = dataclasses.replace(_tiny_suite(lopt_lr_mults=(10.0,)), lopt_weight_decays=(0.0, 300.0),
+                              lopt_wd_mults=(10.0,))
+  lopt = LearnableAdam()
+  theta = lopt.init(jax.random.key(0))
+  res = runner.run_suite(suite, [("la", "s", lopt, theta)], str(tmp_path), bootstrap_reps=50)
+  # 3 Adam + x1, x10 + (x1, x10) with wd 300 (wd 0 is the decay-free grid, not run twice)
+  assert res["stats"] == {"computed": 7, "cached": 0}
+  t = res["tasks"]["NoisyQuadratic_10_cond1000@12"]
+  row = t["optimizers"]["la+lr+wd"]
+  assert list(row["runs"]) == ["x1", "x10", "x1,wd=300", "x10,wd=300"]
+  valid = {k: r["final_valid_mean"] for k, r in row["runs"].items()}
+  assert row["best"] == min(valid, key=valid.get)
+  assert (row["lr_mult"], row["weight_decay"]) == {
+      "x1": (1.0, 0.0), "x10": (10.0, 0.0), "x1,wd=300": (1.0, 300.0),
+      "x10,wd=300": (10.0, 300.0)}[row["best"]]
+  # decay-free points are the +lr row's own runs; the decayed ones differ from them
+  assert row["runs"]["x10"] == t["optimizers"]["la+lr"]["runs"]["x10"]
+  assert valid["x10,wd=300"] != valid["x10"]
+  assert "la+lr+wd" in res["aggregates"]
+  again = runner.run_suite(suite, [("la", "s", lopt, theta)], str(tmp_path), bootstrap_reps=50)
+  assert again["stats"] == {"computed": 0, "cached": 7}
+  with pytest.raises(ValueError, match="weight decays must be non-negative"):
+    runner.weight_decay_grid((-1.0,))
+
+
 def test_suite_select_and_multiplier_grid_errors():
   full = S.get_suite("full")
   part = S.select(full, ["TransformerLM_Copy8x8"], [300])
   assert [e.label for e in part.tasks] == ["TransformerLM_Copy8x8@300"]
+  by_label = S.select(full, ["TransformerLM_Copy8x8@300", "ImageMLP_Digits8_Relu32"])
+  assert sorted(e.label for e in by_label.tasks) == [
+      "ImageMLP_Digits8_Relu32@1500", "ImageMLP_Digits8_Relu32@300",
+      "TransformerLM_Copy8x8@300"]
+  with pytest.raises(ValueError, match="has no task 'TransformerLM_Copy8x8@7'"):
+    S.select(full, ["TransformerLM_Copy8x8@7"])
   assert len(S.select(full, [], [1500]).tasks) == len(full.tasks) // 2
   with pytest.raises(ValueError, match="has no task 'Nope'"):
     S.select(full, ["Nope"])

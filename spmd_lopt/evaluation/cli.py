@@ -85,6 +85,10 @@ def _define_flags():
       "lopt_lr_mults", None, "Suite mode: multipliers of each learned optimizer's step "
       "tried on top of x1, the best on the validation split reported as LABEL+lr "
       f"(default: {','.join(f'{m:g}' for m in suite_lib.LOPT_LR_MULTS)}; empty: x1 only).")
+  _FLAGS["lopt_weight_decays"] = F.DEFINE_list(
+      "lopt_weight_decays", None, "Suite mode: decoupled weight decays each multiplier also "
+      "runs with (decay m * wd * step_mult per step), all tuned together as LABEL+lr+wd "
+      "(default: the suite's; empty: none).")
   _FLAGS["progress"] = F.DEFINE_bool(
       "progress", None, "Progress bar over suite tasks (default: when stderr is a terminal).")
   _FLAGS["task"] = F.DEFINE_string(
@@ -258,17 +262,21 @@ def _numbers(flag: str, values, kind):
 def suite_main(suite_name: str, lopt_entries, out: str, lopt_args: str = "{}",
                expect: str = "", init_seed: int = 0, seed: int = 0,
                progress: bool = False, tasks=(), horizons=(),
-               lopt_lr_mults=None) -> dict[str, Any]:
+               lopt_lr_mults=None, lopt_weight_decays=None) -> dict[str, Any]:
   """Suite mode without flags: runs (with the cache in ``out``), writes the files of the
   module doc, returns the strict-JSON result with ``files`` and ``seconds`` added.
   ``tasks``/``horizons`` select a part of the suite; ``lopt_lr_mults`` (None: the
-  suite's) are the learned optimizers' step multipliers."""
+  suite's) are the learned optimizers' step multipliers, ``lopt_weight_decays`` (None:
+  the suite's) their extra weight decays."""
   suite = suite_lib.select(suite_lib.get_suite(suite_name), tuple(tasks),
                            _numbers("horizons", horizons, int))
   if lopt_lr_mults is not None:
     mults = _numbers("lopt_lr_mults", lopt_lr_mults, float)
     runner.lr_mult_grid(mults)  # bad values fail here, before anything runs
     suite = dataclasses.replace(suite, lopt_lr_mults=mults)
+  if lopt_weight_decays is not None:
+    wds = runner.weight_decay_grid(_numbers("lopt_weight_decays", lopt_weight_decays, float))
+    suite = dataclasses.replace(suite, lopt_weight_decays=wds)
   lopts = _load_lopts(lopt_entries or [], lopt_args, expect, init_seed)
   labels = [l for l, *_ in lopts]
   if len(set(labels)) != len(labels):
@@ -312,7 +320,7 @@ def main(argv):
     try:
       result = suite_main(F["suite"], F["lopt"], F["out"], F["lopt_args"], F["expect"],
                           F["init_seed"], F["seed"], progress, F["tasks"], F["horizons"],
-                          F["lopt_lr_mults"])
+                          F["lopt_lr_mults"], F["lopt_weight_decays"])
     except (ValueError, TypeError, FileNotFoundError) as e:
       _fail(str(e))
     st = result["stats"]

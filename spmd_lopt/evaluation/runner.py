@@ -15,7 +15,12 @@ Every learned optimizer also runs with its step scaled by each multiplier of
 of one theta in one program (theta stacked along the grid axis, like a baseline's grid
 points), each multiplier its own cache record. Its ``LABEL`` row is x1 (the optimizer as
 shipped); ``LABEL+lr`` is the multiplier with the lowest validation loss (mean over seeds),
-reported on the test split, exactly as the baselines are tuned.
+reported on the test split, exactly as the baselines are tuned. With
+``suite.lopt_weight_decays`` (AdamW's grid in ``full``), every multiplier also runs with each
+decoupled weight decay ``wd`` (``p -= m * wd * step_mult * p`` per step, Celo2's deployment;
+one more program per theta; only the multipliers ``suite.lopt_wd_mults`` if given), and
+``LABEL+lr+wd`` is tuned over all of them, ``wd = 0`` included: the learned rule gets the
+tuning AdamW gets.
 
 Per seed ``s`` and task, every optimizer sees the same task sample, init and batches
 (common random numbers); seeds come from ``fold_in(suite_key(seed), crc32(task name))``,
@@ -132,9 +137,15 @@ class LearnedLRGrid:
   of one theta runs in one vmapped program (theta stacked along the grid axis)."""
   lopt: Any
 
-  def make(self, theta, multiplier):
+  def make(self, theta, multiplier, decay=0.0):
     return lr_scaled.ScaledUpdateOptimizer(self.lopt.opt_fn(theta, is_training=False),
-                                           multiplier)
+                                           multiplier, decay)
+
+
+def nominal_lr(lopt) -> float:
+  """The learning rate a rule's x1 step stands for: its ``step_mult`` (Celo2, MLPLOpt:
+  1e-3), else 1e-3. Weight decay ``wd`` decays by ``m * wd * nominal_lr`` per step."""
+  return float(getattr(lopt, "step_mult", 1e-3))
 
 
 def lr_tuned_label(label: str) -> str:
@@ -142,8 +153,13 @@ def lr_tuned_label(label: str) -> str:
   return f"{label}+lr"
 
 
-def lr_mult_label(m: float) -> str:
-  return f"x{m:g}"
+def lr_wd_tuned_label(label: str) -> str:
+  """The label of ``label``'s row tuned over step multiplier and weight decay."""
+  return f"{label}+lr+wd"
+
+
+def lr_mult_label(m: float, wd: float = 0.0) -> str:
+  return f"x{m:g}" if wd == 0 else f"x{m:g},wd={wd:g}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -218,7 +234,9 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
   if reserved:
     raise ValueError(f"learned optimizer labels {sorted(reserved)} clash with baselines.")
   mults = lr_mult_grid(suite.lopt_lr_mults)
+  wds = weight_decay_grid(suite.lopt_weight_decays)
   tuned = [lr_tuned_label(l) for l in labels] if len(mults) > 1 else []
+  tuned += [lr_wd_tuned_label(l) for l in labels] if wds else []
   if set(tuned) & set(labels):
     raise ValueError(f"learned optimizer labels {sorted(set(tuned) & set(labels))} clash "
                      "with the learning-rate-tuned rows of others.")
@@ -254,12 +272,16 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
       return [cache.get_or_run(entry.label, {**base_desc, **d},
                                lambda p=p: compute(p)) for p, d in zip(points, descs)]
 
-    def run_lr_grid(lopt, theta, mults, descs, entry=entry, keys=keys, base_desc=base_desc):
-      # every multiplier of one theta in one program: theta stacked along the grid axis
+    def run_lr_grid(lopt, theta, mults, descs, decays=None, entry=entry, keys=keys,
+                    base_desc=base_desc):
+      # every multiplier of one theta in one program: theta stacked along the grid axis;
+      # the decayed points are a second program, so the decay-free one stays as it was
       grid = LearnedLRGrid(lopt)
       point = (jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (len(mults),)
                                                        + jnp.shape(x)), theta),
                jnp.asarray(mults, jnp.float32))
+      if decays is not None:
+        point += (jnp.asarray(decays, jnp.float32),)
 
       def compute_all():
         curves = jax.device_get(_program(entry, grid, suite.eval_batches)(point, keys))
@@ -291,6 +313,21 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
         opts_out[lr_tuned_label(label)] = {
             **info, "lr_mult": mults[list(runs).index(best)], **runs[best],
             "best": best, "runs": runs}
+      if wds:
+        wd_mults = lr_mult_grid(suite.lopt_wd_mults) if suite.lopt_wd_mults else mults
+        points = [(m, wd) for wd in wds for m in wd_mults]
+        lr0 = nominal_lr(lopt)
+        recs = run_lr_grid(lopt, theta, [m for m, _ in points],
+                           [{"optimizer": "learned", **meta, "lr_mult": m,
+                             "weight_decay": wd, "nominal_lr": lr0} for m, wd in points],
+                           decays=[wd * lr0 for _, wd in points])
+        all_runs = {**runs, **{lr_mult_label(m, wd): r for (m, wd), r in zip(points, recs)}}
+        hp = {lr_mult_label(m): (m, 0.0) for m in mults}
+        hp.update({lr_mult_label(m, wd): (m, wd) for m, wd in points})
+        best = min(all_runs, key=lambda k: _score(all_runs[k]))
+        opts_out[lr_wd_tuned_label(label)] = {
+            **info, "lr_mult": hp[best][0], "weight_decay": hp[best][1], **all_runs[best],
+            "best": best, "runs": all_runs}
     eval_step = training.eval_step_schedule(entry.steps, entry.eval_every)
     adam_name = suite.baselines[0].name
     adam = baselines_out[adam_name]["runs"][baselines_out[adam_name]["best"]]
@@ -324,6 +361,14 @@ def lr_mult_grid(mults: Sequence[float]) -> tuple[float, ...]:
     raise ValueError(f"learning-rate multipliers must be positive and finite, got "
                      f"{list(mults)}.")
   return tuple(out)
+
+
+def weight_decay_grid(wds: Sequence[float]) -> tuple[float, ...]:
+  """The learned optimizers' extra weight decays: ``wds`` sorted without 0 (the
+  multiplier grid is the decay-free point); positive and finite, else ValueError."""
+  if any(not (math.isfinite(w) and w >= 0) for w in map(float, wds)):
+    raise ValueError(f"weight decays must be non-negative and finite, got {list(wds)}.")
+  return tuple(sorted({float(w) for w in wds} - {0.0}))
 
 
 def aggregates(tasks_out: dict, reps: int = 2000, seed: int = 0) -> dict:

@@ -24,7 +24,9 @@ diverged run counts as ``+inf``): ``Adam`` over ``ADAM_LRS`` (9 points, 1e-4 .. 
 half-decade steps), ``AdamW`` over ``ADAM_LRS`` x ``WEIGHT_DECAYS``, ``SGDM`` (momentum
 0.9) over ``SGDM_LRS`` (the same 9 points). Every learned optimizer runs as shipped (x1)
 and with its step scaled by each of ``LOPT_LR_MULTS`` (``lr_scaled``), the multiplier
-chosen the same way (its tuned row).
+chosen the same way (its ``+lr`` row); in ``full`` also at ``LOPT_WD_MULTS`` x
+``LOPT_WEIGHT_DECAYS`` with decoupled weight decay, tuned together with the decay-free
+points (its ``+lr+wd`` row: 23 points, against AdamW's 27).
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ VALID_SPLIT, TEST_SPLIT = "inner_valid", "test"
 # program, so wide grids keep the tuned optimum off the grid's edges for little time
 ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 SGDM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
-WEIGHT_DECAYS = (1e-2, 1e-1)
+WEIGHT_DECAYS = (1e-2, 1e-1, 1.0)
+# the learned optimizers' weight decays (decoupled, per step ``m * wd * step_mult``, so a
+# rule's x10 with wd 0.1 decays like AdamW at lr 1e-2 with wd 0.1) and the multipliers they
+# run at: the middle of the multiplier grid, where every tuned multiplier so far fell
+LOPT_WEIGHT_DECAYS = (1e-1, 1.0)
+LOPT_WD_MULTS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 # learned optimizers' step multipliers (Celo2's deployment: a learning rate tuned on top of
 # the rule), half decades around the shipped x1; up to 1e3 because a rule meta-trained
 # with step_mult 1e-3 takes steps ~1e-3, and tuned Adam wants up to 0.1-1 on some tasks
@@ -170,6 +177,10 @@ class Suite:
   eval_batches: int = 5
   # every learned optimizer also runs at these multipliers of its step (x1 always runs)
   lopt_lr_mults: tuple[float, ...] = LOPT_LR_MULTS
+  # and at the multipliers ``lopt_wd_mults`` (empty: all of ``lopt_lr_mults``) with each
+  # of these decoupled weight decays (empty: no ``+lr+wd`` row)
+  lopt_weight_decays: tuple[float, ...] = ()
+  lopt_wd_mults: tuple[float, ...] = ()
 
 
 def _entries(names, horizons):
@@ -179,7 +190,8 @@ def _entries(names, horizons):
 def _suites() -> dict[str, Suite]:
   return {
       "full": Suite("full", _entries(list(TASKS), (MT_HORIZON, 5 * MT_HORIZON)), seeds=5,
-                    baselines=baselines()),
+                    baselines=baselines(), lopt_weight_decays=LOPT_WEIGHT_DECAYS,
+                    lopt_wd_mults=LOPT_WD_MULTS),
       "quick": Suite("quick", _entries(["ImageMLP_Digits8_Relu32",
                                         "NoisyQuadratic_10_cond1000"], (60,)),
                      seeds=2, baselines=baselines((1e-2,)), eval_batches=3),
@@ -198,10 +210,11 @@ def get_suite(name: str) -> Suite:
 
 
 def select(suite: Suite, tasks: Sequence[str] = (), horizons: Sequence[int] = ()) -> Suite:
-  """``suite`` restricted to the task names in ``tasks`` and the step counts in
-  ``horizons`` (empty: all); an unknown name or horizon, or an empty result, is a
-  ValueError. Cached runs are shared, so subsets run in pieces add up to the whole."""
-  names = {e.name for e in suite.tasks}
+  """``suite`` restricted to the tasks in ``tasks`` (a name: every horizon of it; a label
+  ``name@steps``: that entry only) and the step counts in ``horizons`` (empty: all); an
+  unknown name, label or horizon, or an empty result, is a ValueError. Cached runs are
+  shared, so subsets run in pieces add up to the whole."""
+  names = {e.name for e in suite.tasks} | {e.label for e in suite.tasks}
   steps = {e.steps for e in suite.tasks}
   bad = [t for t in tasks if t not in names]
   if bad:
@@ -211,7 +224,7 @@ def select(suite: Suite, tasks: Sequence[str] = (), horizons: Sequence[int] = ()
   if bad_h:
     raise ValueError(f"suite {suite.name!r} has no horizon {bad_h[0]}; its horizons: "
                      f"{', '.join(str(h) for h in sorted(steps))}.")
-  kept = tuple(e for e in suite.tasks if (not tasks or e.name in tasks)
+  kept = tuple(e for e in suite.tasks if (not tasks or e.name in tasks or e.label in tasks)
                and (not horizons or e.steps in horizons))
   return dataclasses.replace(suite, tasks=kept)
 
