@@ -33,12 +33,14 @@ def _read_json(path):
 
 def suite_aggregates(suite: dict, label: str) -> dict:
   """The aggregate rows of ``label`` in a suite result (IQMs and intervals), and of its
-  learning-rate-tuned row ``label+lr`` when the suite has one."""
+  tuned rows ``label+lr`` and ``label+lr+wd`` when the suite has them."""
   agg = suite.get("aggregates", {})
   out = {"suite": suite.get("suite"), "label": label, "aggregates": agg.get(label, agg),
          "tasks": sorted(suite.get("tasks", {}))}
   if label + "+lr" in agg:
     out["aggregates_lr_tuned"] = agg[label + "+lr"]
+  if label + "+lr+wd" in agg:
+    out["aggregates_lr_wd_tuned"] = agg[label + "+lr+wd"]
   return out
 
 

@@ -75,7 +75,8 @@ def test_pretrained_trains_a_digits_mlp_in_optax(name):
 
 def test_a_later_suite_is_attached_without_touching_theta(tmp_path):
   """``ship_pretrained.py --add_suite_as KEY``: the shipped file gains ``extra[KEY]`` (the
-  suite's aggregate rows of the label, and of ``label+lr``); theta and the rest stay."""
+  suite's aggregate rows of the label, of ``label+lr`` and ``label+lr+wd``); theta and the
+  rest stay."""
   import importlib.util
   spec = importlib.util.spec_from_file_location(
       "ship_pretrained", os.path.join(REPO, "scripts", "ship_pretrained.py"))
@@ -86,13 +87,15 @@ def test_a_later_suite_is_attached_without_touching_theta(tmp_path):
   checkpoint.save_parameter_checkpoint(str(tmp_path / f"{name}.lopt"), src.lopt, src.theta,
                                        extra=src.extra)
   row = {"all": {"loss_ratio": {"iqm": 0.9}, "speedup": {"iqm": 1.1}}}
+  row_wd = {"all": {"loss_ratio": {"iqm": 0.8}, "speedup": {"iqm": 1.2}}}
   suite = {"suite": "full", "tasks": {"b": {}, "a": {}},
-           "aggregates": {"x": row, "x+lr": row, "Adam": row}}
+           "aggregates": {"x": row, "x+lr": row, "x+lr+wd": row_wd, "Adam": row}}
   (tmp_path / "suite.json").write_text(json.dumps(suite))
   ship.add_suite(name, str(tmp_path / "suite.json"), "suite_later", "x", str(tmp_path))
   got = checkpoint.load_parameter_checkpoint(str(tmp_path / f"{name}.lopt"))
   assert got.extra["suite_later"] == {"suite": "full", "label": "x", "aggregates": row,
-                                      "tasks": ["a", "b"], "aggregates_lr_tuned": row}
+                                      "tasks": ["a", "b"], "aggregates_lr_tuned": row,
+                                      "aggregates_lr_wd_tuned": row_wd}
   assert {k: v for k, v in got.extra.items() if k != "suite_later"} == src.extra
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
                                    src.theta, got.theta))
