@@ -409,6 +409,7 @@ def test_sigint_with_steps_per_call_resumes_exactly(tmp_path, monkeypatch):
   jax.tree.map(np.testing.assert_array_equal, _theta(a), _theta(b))
 
 
+@pytest.mark.slow  # ~12 s; keeps the default suite under 10 minutes
 def test_eval_keys_may_differ_on_resume(straight, tmp_path):
   """Periodic evaluation switched on when resuming (eval_every=10) is accepted and does
   not change the trajectory: theta and losses stay bit-identical to the run without it."""

@@ -200,6 +200,7 @@ def _one_update(learner, datas=None):
   return grad, float(loss)
 
 
+@pytest.mark.slow  # ~10 s; keeps the default suite under 10 minutes
 def test_host_iterator_family_in_fused_learner_matches_device_sampling():
   # The batches on-device sampling draws in this meta step: the learner gives estimator 0
   # the key fold_in(key, 0); the probe's per-step losses are its training batches.

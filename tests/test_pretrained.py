@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -99,3 +100,24 @@ def test_a_later_suite_is_attached_without_touching_theta(tmp_path):
   assert {k: v for k, v in got.extra.items() if k != "suite_later"} == src.extra
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
                                    src.theta, got.theta))
+
+
+def test_optax_chain_in_the_readme_is_the_suites_tuned_point():
+  """``chain(as_optax(spec), scale(m), add_decayed_weights(-m wd step_mult))`` (README,
+  *Results*) takes the steps of the suite's ``+lr+wd`` point ``(m, wd)``."""
+  from spmd_lopt.evaluation import lr_scaled  # pylint: disable=import-outside-toplevel
+  name = NAMES[0]
+  lopt, theta = resolve(f"pretrained:{name}")
+  m, wd = 3.0, 0.5
+  tx = optax.chain(as_optax(f"pretrained:{name}"), optax.scale(m),
+                   optax.add_decayed_weights(-m * wd * lopt.step_mult))
+  ref = lr_scaled.ScaledUpdateOptimizer(lopt.opt_fn(theta, is_training=False), m,
+                                        wd * lopt.step_mult)
+  params = {"w": jax.random.normal(jax.random.key(0), (8, 4)), "b": jnp.ones(4)}
+  p, st, rs = params, tx.init(params), ref.init(params)
+  for i in range(3):
+    u, st = tx.update(jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1)), p), st, p)
+    p = optax.apply_updates(p, u)
+    rs = ref.update(rs, jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1)), ref.get_params(rs)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p, ref.get_params(rs))
+  assert not np.allclose(p["w"], params["w"])
