@@ -364,8 +364,9 @@ def lr_mult_grid(mults: Sequence[float]) -> tuple[float, ...]:
 
 
 def weight_decay_grid(wds: Sequence[float]) -> tuple[float, ...]:
-  """The learned optimizers' extra weight decays: ``wds`` sorted without 0 (the
-  multiplier grid is the decay-free point); positive and finite, else ValueError."""
+  """The learned optimizers' extra weight decays: ``wds`` sorted, 0 dropped (the
+  multiplier grid already is the decay-free point); non-negative and finite, else
+  ValueError."""
   if any(not (math.isfinite(w) and w >= 0) for w in map(float, wds)):
     raise ValueError(f"weight decays must be non-negative and finite, got {list(wds)}.")
   return tuple(sorted({float(w) for w in wds} - {0.0}))
