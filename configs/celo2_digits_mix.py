@@ -31,7 +31,10 @@ flat (1.61 -> 1.67, first vs last 6 logs). On the ``full`` suite's 300-step entr
 64-32-10, 128x128, 64x64x64, autoencoder, LayerNorm MLP; 5 seeds) the loss-ratio IQM against
 tuned Adam is 1.35 as shipped and 0.941 [0.81, 1.23] with a tuned step multiplier (parent
 1.42 and 0.982), better on every held-out entry, worse on the digits MLP; speedup IQM 0.662
-and 0.689 [0.474, 1.06] (parent 0.658 and 0.694). Figures: docs/eval/ablations.md.
+and 0.689 [0.474, 1.06] (parent 0.658 and 0.694). Figures: docs/eval/ablations.md. On
+the whole ``full`` suite (16 entries) with multiplier and weight decay tuned (``+lr+wd``):
+loss-ratio IQM 0.756 and speedup IQM 1.06 at 300 steps, 0.889 and 0.948 at 1,500, 0.828
+[0.686, 0.992] and 1.01 over all (README, *Results*).
 
 Commands:
   nice python -m spmd_lopt.launch --config configs/celo2_digits_mix.py --workdir runs/mix
