@@ -212,7 +212,10 @@ def _cli(args, timeout=900):
     (["--suite=quick", "--lopt=a=init:learnable_adam,a=init:nn_adam"], "labels must be"),
     (["--suite=quick", "--task=ImageMLP_Digits8_Relu32"], "exactly one of --suite"),
     (["--suite=full", "--horizons=300,x"], "--horizons must be a list of numbers"),
-], ids=["suite", "lopt_name", "lopt_path", "labels", "both_modes", "horizons"])
+    (["--suite=quick", "--lopt=a=init:learnable_adam", "--lopt_weight_decays=0.1,-1"],
+     "weight decays must be non-negative and finite"),
+], ids=["suite", "lopt_name", "lopt_path", "labels", "both_modes", "horizons",
+        "weight_decays"])
 def test_cli_bad_suite_or_lopt_is_one_line(tmp_path, args, message):
   proc = _cli([*args, f"--out={tmp_path}/out"], timeout=120)
   assert proc.returncode == 2, proc.stderr
