@@ -201,6 +201,13 @@ def _score(rec: dict) -> float:
   return math.inf if v is None or not math.isfinite(v) else v
 
 
+def _tuned_row(info: dict, runs: dict, hparams: dict) -> dict:
+  """A tuned learned-optimizer row: of ``runs`` ({point label: record}) the one with the
+  lowest validation score, with its hyper-parameters ``hparams[label]`` ({name: value})."""
+  best = min(runs, key=lambda k: _score(runs[k]))
+  return {**info, **hparams[best], **runs[best], "best": best, "runs": runs}
+
+
 def _finals(rec) -> np.ndarray:
   return np.asarray([np.nan if r[-1] is None else r[-1] for r in rec["test_loss"]], float)
 
@@ -309,10 +316,8 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
       info = {"spec": spec, "lopt_class": meta["class"], "lopt_config": meta["config"]}
       opts_out[label] = {**info, "lr_mult": 1.0, **runs[lr_mult_label(1.0)]}
       if len(mults) > 1:
-        best = min(runs, key=lambda k: _score(runs[k]))
-        opts_out[lr_tuned_label(label)] = {
-            **info, "lr_mult": mults[list(runs).index(best)], **runs[best],
-            "best": best, "runs": runs}
+        opts_out[lr_tuned_label(label)] = _tuned_row(
+            info, runs, {lr_mult_label(m): {"lr_mult": m} for m in mults})
       if wds:
         wd_mults = lr_mult_grid(suite.lopt_wd_mults) if suite.lopt_wd_mults else mults
         points = [(m, wd) for wd in wds for m in wd_mults]
@@ -322,12 +327,9 @@ def run_suite(suite: suite_lib.Suite, lopts: Sequence[tuple[str, str, Any, Any]]
                              "weight_decay": wd, "nominal_lr": lr0} for m, wd in points],
                            decays=[wd * lr0 for _, wd in points])
         all_runs = {**runs, **{lr_mult_label(m, wd): r for (m, wd), r in zip(points, recs)}}
-        hp = {lr_mult_label(m): (m, 0.0) for m in mults}
-        hp.update({lr_mult_label(m, wd): (m, wd) for m, wd in points})
-        best = min(all_runs, key=lambda k: _score(all_runs[k]))
-        opts_out[lr_wd_tuned_label(label)] = {
-            **info, "lr_mult": hp[best][0], "weight_decay": hp[best][1], **all_runs[best],
-            "best": best, "runs": all_runs}
+        opts_out[lr_wd_tuned_label(label)] = _tuned_row(
+            info, all_runs, {lr_mult_label(m, wd): {"lr_mult": m, "weight_decay": wd}
+                             for m, wd in [(m, 0.0) for m in mults] + points})
     eval_step = training.eval_step_schedule(entry.steps, entry.eval_every)
     adam_name = suite.baselines[0].name
     adam = baselines_out[adam_name]["runs"][baselines_out[adam_name]["best"]]
