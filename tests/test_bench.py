@@ -249,3 +249,11 @@ def test_bad_override_is_one_line(capsys):
   with pytest.raises(SystemExit) as e:
     bench.main(["--config.repeats=many"])
   assert "repeats" in str(e.value)
+
+
+def test_help_prints_usage_and_unknown_arguments_are_one_line(capsys):
+  bench.main(["--help"])
+  assert "--config" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--config", "configs/bench/smoke.py", "--out", "x"])
+  assert "'--out'" in str(e.value) and "\n" not in str(e.value)

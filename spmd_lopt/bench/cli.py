@@ -109,6 +109,22 @@ def _arg(argv, name, default=None):
   return default
 
 
+def _unknown_args(argv) -> list:
+  """The arguments of ``argv`` that are not ``--config``, ``--config.KEY=VALUE`` or
+  ``--outdir`` (each as ``--name VALUE`` or ``--name=VALUE``)."""
+  unknown, i = [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a in ("--config", "--outdir"):
+      i += 2
+      continue
+    if not (a.startswith(("--config=", "--outdir=")) or
+            (a.startswith("--config.") and "=" in a)):
+      unknown.append(a)
+    i += 1
+  return unknown
+
+
 def worker_main(argv) -> None:
   """``--worker SPEC --worker_config CFG --worker_out FILE [--mp_* ...]``."""
   pin = _arg(argv, "--pin_cpu")
@@ -139,6 +155,13 @@ def main(argv=None) -> None:
   if "--worker" in argv or any(a.startswith("--worker=") for a in argv):
     worker_main(argv)
     return
+  if "-h" in argv or "--help" in argv:
+    print(__doc__)
+    return
+  unknown = _unknown_args(argv)
+  if unknown:
+    sys.exit(f"spmd_lopt.bench: unknown argument(s) {unknown}; usage: python -m "
+             "spmd_lopt.bench --config FILE [--config.KEY=VALUE ...] [--outdir DIR]")
   path = _arg(argv, "--config")
   try:
     bcfg = bench_config.load_config(path)
