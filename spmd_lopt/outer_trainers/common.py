@@ -165,24 +165,6 @@ def vary_like(tree, ref):
   return jax.tree.map(cast, tree)
 
 
-def vary_like(tree, like: jax.Array):
-  """``tree`` with every leaf marked varying over the ``shard_map`` mesh axes that ``like``
-  varies over (``jax.lax.pcast``; a no-op outside ``shard_map``), so that two branches of
-  a ``lax.cond`` computing the same values from differently-sharded inputs agree in type."""
-  want = _varying_axes(like)
-
-  def one(x):
-    missing = tuple(sorted(want - _varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-  return jax.tree.map(one, tree)
-
-
-def _varying_axes(x) -> frozenset:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier releases: .vma
-  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
 def select_per_task(pred: jax.Array, a, b):
   """``a_i if pred_i else b_i`` for every task ``i`` of two task-batched pytrees;
   ``pred`` has shape ``[n]``."""

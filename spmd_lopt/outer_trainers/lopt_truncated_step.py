@@ -23,13 +23,10 @@ whichever device holds it. The training batch, the meta-loss batch, the reset an
 truncation schedule each get their own stream of that key.
 
 Resets (``reset_mode``): ``"cond"`` computes fresh trajectories only when some local task
-is done (a ``lax.cond`` around the re-initialisation), and when at most ``n //
-FEW_RESETS_DIVISOR`` of the ``n`` local tasks are, only for those (their indices gathered
-with a static-size ``nonzero``; an inner ``lax.cond`` picks that or all ``n``); ``where``
-then picks per task. ``"select"`` computes all ``n`` fresh trajectories on every step and
-picks per task (no conditional, more arithmetic). Both give identical numbers (each task's
-fresh state comes from its own key; tested); which is faster depends on the accelerator
-and on how often some task resets (see the README's figures).
+is done (a scalar ``lax.cond`` around the re-initialisation); ``"select"`` computes them on
+every step and picks per task with ``where`` (no conditional, more arithmetic). Both give
+identical numbers; which is faster depends on the accelerator and on how often some task
+resets (see the README's figures).
 
 ``random_initial_iteration_offset = N`` starts each task's ``inner_step`` at a random
 integer in ``[0, N)`` (params and optimizer iteration stay fresh) so the tasks reach their
@@ -57,12 +54,6 @@ from spmd_lopt.outer_trainers import truncation_schedule
 from spmd_lopt.tasks import base as tasks_base
 
 RESET_MODES = ("cond", "select")
-# With trajectories of 100-300 steps, n tasks see ~n/200 resets per step: most steps with a
-# reset have one or two, so "cond" initialises at most n // 8 gathered tasks and falls back
-# to all n only when more reset at once (at start-up, or with equal lengths). 64 10-d
-# quadratics (PES, 128 lanes): the meta step 1.07x (CPU time 1.15x); image MLP, 16 tasks:
-# 1.00x (docs/PERFORMANCE.md). Below 8 local tasks every reset initialises all of them.
-FEW_RESETS_DIVISOR = 8
 
 
 @flax.struct.dataclass
@@ -245,31 +236,9 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
         theta, state, k_step, data)
     reset = state.is_done
 
-    init = lambda th, k: self._init_one(th, k, outer_state, with_offset=False)
-    fresh_all = lambda: jax.vmap(init, in_axes=(th_axis, 0))(theta, k_reset)
-    n = reset.shape[0]
-    few = n // FEW_RESETS_DIVISOR
-
-    def fresh_few():
-      # Only the (at most `few`) resetting tasks are initialised, each from its own key as
-      # in fresh_all: their indices in order (padded), then task i reads slot "resetting
-      # tasks before i" (the other tasks' rows are not selected).
-      at = jnp.nonzero(reset, size=few, fill_value=0)[0]
-      th = jax.tree.map(lambda x: x[at], theta) if theta_is_vector else theta
-      fresh = jax.vmap(init, in_axes=(th_axis, 0))(th, k_reset[at])
-      slot = jnp.clip(jnp.cumsum(reset.astype(jnp.int32)) - 1, 0, few - 1)
-      return jax.tree.map(lambda f: f[slot], fresh)
-
     def with_resets():
-      if few > 0 and self.reset_mode == "cond":
-        # A cond choosing the fresh states only, inside the outer one: one three-way
-        # switch with a pass-through branch made XLA copy the whole state on every step.
-        count = jnp.sum(reset.astype(jnp.int32))
-        fresh = jax.lax.cond(count <= few,
-                             lambda: common.vary_like(fresh_few(), reset),
-                             lambda: common.vary_like(fresh_all(), reset))
-      else:
-        fresh = fresh_all()
+      init = lambda th, k: self._init_one(th, k, outer_state, with_offset=False)
+      fresh = jax.vmap(init, in_axes=(th_axis, 0))(theta, k_reset)
       return common.select_per_task(reset, fresh, trained)
 
     if self.reset_mode == "cond":
