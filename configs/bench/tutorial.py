@@ -11,9 +11,10 @@ ablation of batches drawn on device vs made on the host and fed in (host_fed); s
 1 vs 4. Multi-process weak scaling 1 vs 2 processes (one core each, gloo) on workload (1)
 at 8 tasks per process per estimator.
 
-Takes about 4 minutes on the shared 2-core CPU machine at load average ~2, 6 minutes at ~4
-and ~10 at ~7 (compiles of 5-30 s per point, ~0.2-0.3 s per meta step of workload (1) at
-16+16 tasks).
+Takes about 6 minutes on the 2-core CPU machine when quiet (5 min 50 s on 2026-12-07, load
+1.1 -> 2.3), ~10 at load ~7 (compiles of 5-30 s per point, ~0.2 s per meta step of workload
+(1) at 16+16 tasks). Expect (that run): fused vs host round trip ~1.5x, 2 processes vs 1
+~1.9x in weak scaling; figures in the README's *Benchmark*.
 
 Command::
 
