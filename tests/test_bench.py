@@ -4,8 +4,10 @@ a worker subprocess)."""
 
 import json
 import os
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -257,3 +259,21 @@ def test_help_prints_usage_and_unknown_arguments_are_one_line(capsys):
   with pytest.raises(SystemExit) as e:
     bench.main(["--config", "configs/bench/smoke.py", "--out", "x"])
   assert "'--out'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_trace_step_reads_thunk_times_from_a_profiler_trace(tmp_path):
+  """scripts/trace_step.py's parser finds the executed HLO instructions of a traced program
+  with positive times and run counts (guards against the profiler's format changing)."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+  import trace_step  # pylint: disable=import-outside-toplevel
+  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  x = jnp.ones((256, 256))
+  f(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    for _ in range(3):
+      f(x).block_until_ready()
+  total, count, by_thread = trace_step.thunk_times(str(tmp_path))
+  assert total and all(v >= 0 for v in total.values())
+  assert max(count.values()) >= 3  # each instruction ran once per call
+  assert set(by_thread) == set(total)
+  assert not any(name.startswith("$") or "::" in name for name in total)
