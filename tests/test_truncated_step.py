@@ -4,7 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from spmd_lopt import sharding
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import mlp_lopt
 from spmd_lopt.optimizers import base as opt_base
@@ -209,3 +212,62 @@ def test_mlp_lopt_prepared_theta_gives_the_same_update():
     outs.append(jax.jit(opt.update)(opt.init(params), grad).params)
   for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _unroll_fn(step, theta, theta_is_vector, mesh=None):
+  """``state -> unroll(...)`` of 30 steps, jitted; with ``mesh``, inside ``shard_map`` over
+  its task axis (each device: its tasks, their global indices), as the learner runs it."""
+  run = lambda th, s, ids=None: step.unroll(th, s, jax.random.key(2), 30, OS,
+                                            theta_is_vector=theta_is_vector, task_ids=ids)
+  if mesh is None:
+    return jax.jit(lambda s: run(theta, s))
+  ax = sharding.DEFAULT_AXIS
+  n_local = step.num_tasks // sharding.axis_size(mesh, ax)
+  body = lambda th, s: run(th, s, sharding.local_task_ids(n_local, ax))
+  th_spec = P(ax) if theta_is_vector else P()
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(th_spec, P(ax)),
+                             out_specs=(P(ax), P(None, ax))))
+  put = lambda tree, spec: jax.tree.map(
+      lambda x: jax.device_put(x, NamedSharding(mesh, spec)), tree)
+  th = put(theta, th_spec)
+  return lambda s: fn(th, put(s, P(ax)))
+
+
+@pytest.mark.parametrize("theta_is_vector", [
+    pytest.param(False, marks=pytest.mark.slow),  # ~8 s; the per-task theta case stays default
+    True])
+def test_cond_resets_of_few_or_many_tasks_equal_select_bit_for_bit(theta_is_vector):
+  """With small task states "cond" re-initialises only the gathered resetting tasks when
+  at most n // 8 reset and all n otherwise; every branch must give the "select" numbers
+  exactly, on one device and inside shard_map on two. Staggered lengths exercise the
+  gathered branch (1..8 of 64 tasks), equal lengths without an offset make all 64 reset at
+  once (the full branch)."""
+  n = 64
+  few = n // lopt_truncated_step.FEW_RESETS_DIVISOR
+  cases = [(truncation_schedule.LogUniformLengthSchedule(4, 40), 40),
+           (truncation_schedule.ConstantTruncationSchedule(5), 0)]
+  seen = set()
+  for sched, offset in cases:
+    outs = {}
+    for mode in ("cond", "select"):
+      step = lopt_truncated_step.VectorizedLOptTruncatedStep(
+          quadratics.FixedDimQuadraticFamily(5), mlp_lopt.MLPLOpt(hidden_size=8), sched,
+          num_tasks=n, random_initial_iteration_offset=offset, reset_mode=mode)
+      theta = step.outer_init(jax.random.key(0))
+      if theta_is_vector:  # a different theta per task, as PES's perturbed halves
+        theta = jax.tree.map(
+            lambda x: x + 0.01 * jax.random.normal(jax.random.key(3), (n,) + x.shape), theta)
+      state = step.init_step_state(theta, OS, jax.random.key(1), theta_is_vector=theta_is_vector)
+      # small enough for the gathered path (it is taken per device, on <= n tasks)
+      assert (lopt_truncated_step._nbytes(state)  # pylint: disable=protected-access
+              <= lopt_truncated_step.FEW_RESETS_MAX_STATE_BYTES)
+      outs[mode] = _unroll_fn(step, theta, theta_is_vector)(state)
+      # 2 devices, 32 tasks each (at most 4 gathered per device), against "select" on 2.
+      outs[mode + "_2_devices"] = _unroll_fn(step, theta, theta_is_vector,
+                                             sharding.make_mesh(num_devices=2))(state)
+    counts = np.asarray(outs["cond"][1].is_reset).sum(axis=1)
+    seen |= {0 if c == 0 else (1 if c <= few else 2) for c in counts}
+    for cond, select in (("cond", "select"), ("cond_2_devices", "select_2_devices")):
+      for a, b in zip(jax.tree.leaves(outs[cond]), jax.tree.leaves(outs[select])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=cond)
+  assert seen == {0, 1, 2}, seen

@@ -23,10 +23,13 @@ whichever device holds it. The training batch, the meta-loss batch, the reset an
 truncation schedule each get their own stream of that key.
 
 Resets (``reset_mode``): ``"cond"`` computes fresh trajectories only when some local task
-is done (a scalar ``lax.cond`` around the re-initialisation); ``"select"`` computes them on
-every step and picks per task with ``where`` (no conditional, more arithmetic). Both give
-identical numbers; which is faster depends on the accelerator and on how often some task
-resets (see the README's figures).
+is done (a scalar ``lax.cond`` around the re-initialisation; with small task states a
+three-way ``lax.switch`` that, when at most ``n // FEW_RESETS_DIVISOR`` of the ``n`` local
+tasks are done, initialises only those, gathered by a static-size ``nonzero`` and scattered
+back); ``"select"`` computes them on every step and picks per task with ``where`` (no
+conditional, more arithmetic). All give identical numbers (each task's fresh state comes
+from its own key; tested); which is faster depends on the accelerator and on how often
+some task resets (see the README's figures).
 
 ``random_initial_iteration_offset = N`` starts each task's ``inner_step`` at a random
 integer in ``[0, N)`` (params and optimizer iteration stay fresh) so the tasks reach their
@@ -39,6 +42,7 @@ whose ``datasets`` are host iterators (the reference's data model) use ``get_bat
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import flax
@@ -54,6 +58,21 @@ from spmd_lopt.outer_trainers import truncation_schedule
 from spmd_lopt.tasks import base as tasks_base
 
 RESET_MODES = ("cond", "select")
+# "cond" with small task states: with lengths 100-300, n tasks see ~n/200 resets per step,
+# so most steps with a reset have one or two; a three-way switch (none / at most n // 8,
+# gathered and initialised alone / more, all n) then beats initialising all n. XLA copies
+# the state in the switch's pass-through branch on every step, so it pays only where that
+# copy is cheap: 64 10-d quadratics (PES, 128 lanes, ~40 kB of state): 1.14-1.15x per meta
+# step, 1.12x on 2 devices; image MLP 16 tasks (2.2 MB): 0.93-0.95x, so the plain cond
+# there (docs/PERFORMANCE.md, round four).
+FEW_RESETS_DIVISOR = 8
+FEW_RESETS_MAX_STATE_BYTES = 256 * 1024
+
+
+def _nbytes(tree) -> int:
+  """Bytes of a pytree of (traced) arrays, from their static shapes."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
 
 
 @flax.struct.dataclass
@@ -241,7 +260,25 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
       fresh = jax.vmap(init, in_axes=(th_axis, 0))(theta, k_reset)
       return common.select_per_task(reset, fresh, trained)
 
-    if self.reset_mode == "cond":
+    n = reset.shape[0]
+    few = n // FEW_RESETS_DIVISOR
+
+    def with_few_resets():
+      # The first `few` resetting tasks' indices, padded with n (dropped by the scatter):
+      # only those are re-initialised, each from its own key as in with_resets.
+      idx = jnp.nonzero(reset, size=few, fill_value=n)[0]
+      at = jnp.minimum(idx, n - 1)
+      th = jax.tree.map(lambda x: x[at], theta) if theta_is_vector else theta
+      init = lambda th_, k: self._init_one(th_, k, outer_state, with_offset=False)
+      fresh = jax.vmap(init, in_axes=(th_axis, 0))(th, k_reset[at])
+      return jax.tree.map(lambda t, f: t.at[idx].set(f, mode="drop"), trained, fresh)
+
+    if (self.reset_mode == "cond" and few > 0
+        and _nbytes(trained) <= FEW_RESETS_MAX_STATE_BYTES):
+      count = jnp.sum(reset.astype(jnp.int32))
+      branch = jnp.where(count == 0, 0, jnp.where(count <= few, 1, 2))
+      next_state = jax.lax.switch(branch, [lambda: trained, with_few_resets, with_resets])
+    elif self.reset_mode == "cond":
       next_state = jax.lax.cond(jnp.any(reset), with_resets, lambda: trained)
     else:
       next_state = with_resets()
