@@ -271,3 +271,11 @@ def test_cond_resets_of_few_or_many_tasks_equal_select_bit_for_bit(theta_is_vect
       for a, b in zip(jax.tree.leaves(outs[cond]), jax.tree.leaves(outs[select])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=cond)
   assert seen == {0, 1, 2}, seen
+
+
+def test_state_size_counts_arrays_and_keys():
+  tree = {"a": jnp.zeros((3, 4), jnp.float32), "b": jnp.zeros(5, jnp.int8),
+          "k": jax.random.split(jax.random.key(0), 2), "n": None}
+  nbytes = lopt_truncated_step._nbytes  # pylint: disable=protected-access
+  assert nbytes(tree) == 48 + 5 + 2 * 2 * 4
+  assert jax.jit(lambda t: jnp.float32(nbytes(t)))(tree) == nbytes(tree)

@@ -70,9 +70,13 @@ FEW_RESETS_MAX_STATE_BYTES = 256 * 1024
 
 
 def _nbytes(tree) -> int:
-  """Bytes of a pytree of (traced) arrays, from their static shapes."""
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+  """Bytes of a pytree of (traced) arrays, from their static shapes (a PRNG key counts
+  its key data)."""
+  def one(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return math.prod(jax.random.key_data(x).shape) * 4
+    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+  return sum(one(x) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
 
 
 @flax.struct.dataclass
