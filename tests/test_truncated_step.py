@@ -233,9 +233,8 @@ def _unroll_fn(step, theta, theta_is_vector, mesh=None):
   return lambda s: fn(th, put(s, P(ax)))
 
 
-@pytest.mark.parametrize("theta_is_vector", [
-    pytest.param(False, marks=pytest.mark.slow),  # ~8 s; the per-task theta case stays default
-    True])
+@pytest.mark.slow  # ~10 s each; test_estimator_contracts checks the branches by default
+@pytest.mark.parametrize("theta_is_vector", [False, True])
 def test_cond_resets_of_few_or_many_tasks_equal_select_bit_for_bit(theta_is_vector):
   """With small task states "cond" re-initialises only the gathered resetting tasks when
   at most n // 8 reset and all n otherwise; every branch must give the "select" numbers
