@@ -74,7 +74,7 @@ def _nbytes(tree) -> int:
   its key data)."""
   def one(x):
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return math.prod(jax.random.key_data(x).shape) * 4
+      x = jax.random.key_data(x)
     return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
   return sum(one(x) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
 
@@ -259,8 +259,9 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
         theta, state, k_step, data)
     reset = state.is_done
 
+    init = lambda th, k: self._init_one(th, k, outer_state, with_offset=False)
+
     def with_resets():
-      init = lambda th, k: self._init_one(th, k, outer_state, with_offset=False)
       fresh = jax.vmap(init, in_axes=(th_axis, 0))(theta, k_reset)
       return common.select_per_task(reset, fresh, trained)
 
@@ -273,7 +274,6 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
       idx = jnp.nonzero(reset, size=few, fill_value=n)[0]
       at = jnp.minimum(idx, n - 1)
       th = jax.tree.map(lambda x: x[at], theta) if theta_is_vector else theta
-      init = lambda th_, k: self._init_one(th_, k, outer_state, with_offset=False)
       fresh = jax.vmap(init, in_axes=(th_axis, 0))(th, k_reset[at])
       return jax.tree.map(lambda t, f: t.at[idx].set(f, mode="drop"), trained, fresh)
 
