@@ -86,7 +86,9 @@ def parse_args():
                        "stack_antithetic flipped (PES halves in one scan vs two)")
   ap.add_argument("--unrolled_threefry", action="store_true",
                   help="a version compiled with jax's unrolled (non-CPU) threefry lowering")
-  return ap.parse_args()
+  args = ap.parse_args()
+  apply_recipe(args, ap)
+  return args
 
 
 class unrolled_threefry:  # pylint: disable=invalid-name
@@ -262,17 +264,22 @@ def describe(tag, lrn, state, args, options=None):
   return compiled
 
 
+# --recipe: the Celo2 recipe's bench config, workloads, learned optimizer and tasks.
+RECIPE = {"bench_config": "configs/bench/celo2_recipe.py",
+          "workload": "synthetic8,synthetic8,synthetic8,synthetic8",
+          "lopt": "celo2", "tasks": 8}
+
+
+def apply_recipe(args, parser) -> None:
+  """With ``--recipe``, ``RECIPE``'s values for the flags left at ``parser``'s defaults."""
+  if args.recipe:
+    for name, value in RECIPE.items():
+      if getattr(args, name) == parser.get_default(name):
+        setattr(args, name, value)
+
+
 def main():
   args = parse_args()
-  if args.recipe:
-    if args.bench_config == "configs/bench/tutorial.py":
-      args.bench_config = "configs/bench/celo2_recipe.py"
-    if args.workload == "quadratic":
-      args.workload = "synthetic8,synthetic8,synthetic8,synthetic8"
-    if args.lopt == "mlp_lopt":
-      args.lopt = "celo2"
-    if args.tasks == 64:
-      args.tasks = 8
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}")
   import jax  # pylint: disable=import-outside-toplevel

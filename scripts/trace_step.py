@@ -29,6 +29,9 @@ import os
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_step  # pylint: disable=wrong-import-position  (a sibling script, no jax at import)
+
 # Names of the profiler's own and jax's host-side events, not thunks.
 _NOT_THUNKS = ("$", "Pjit", "ThunkExecutor", "PjRt", "Cpu", "Codegen", "Jit", "Fusion",
                "backend", "Thunk", "HLO passes", "Lower", "lower_", "trace_to",
@@ -43,12 +46,14 @@ def parse_args():
   ap.add_argument("--lopt", default="mlp_lopt")
   ap.add_argument("--bench_config", default="configs/bench/tutorial.py")
   ap.add_argument("--recipe", action="store_true",
-                  help="the Celo2 recipe (4 x 8 synthetic8 tasks, celo2_recipe bench config)")
+                  help="the Celo2 recipe (profile_step.RECIPE), for the flags not given")
   ap.add_argument("--trunc_length", type=int, default=50)
   ap.add_argument("--calls", type=int, default=3, help="traced updates")
   ap.add_argument("--min_ms", type=float, default=0.4, help="print thunks above this")
   ap.add_argument("--hlo", default=None, help="write the compiled module's text here")
-  return ap.parse_args()
+  args = ap.parse_args()
+  profile_step.apply_recipe(args, ap)
+  return args
 
 
 def thunk_times(trace_dir: str):
@@ -70,15 +75,9 @@ def thunk_times(trace_dir: str):
 
 def main():
   args = parse_args()
-  if args.recipe:
-    args.bench_config = "configs/bench/celo2_recipe.py"
-    args.workload = "synthetic8,synthetic8,synthetic8,synthetic8"
-    args.lopt, args.tasks = "celo2", 8
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}")
   import jax  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import profile_step  # pylint: disable=import-outside-toplevel
   from spmd_lopt import sharding  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(num_devices=args.devices)
   lrn, state = profile_step.build(args, mesh)
