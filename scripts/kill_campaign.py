@@ -58,6 +58,7 @@ def _start(workdir: str, args, processes: int) -> list[subprocess.Popen]:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # none inherited: only the one chosen here
   if args.compilation_cache:  # every launch after the first skips compilation
     env.update(JAX_COMPILATION_CACHE_DIR=args.compilation_cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

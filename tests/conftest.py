@@ -1,12 +1,26 @@
 """Test set-up: eight virtual CPU devices, set before jax is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before the first `import jax`: the CPU backend reads the flag once.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# A persistent compilation cache for this session only, in the environment so that the
+# launcher and multi-process tests' child processes share it: many tests build the same
+# learner program (and every process of a multi-process test the same one), and XLA's
+# compile is most of their time. Each test still traces and lowers its own program; only
+# an identical HLO module is reused. A cache the caller set is left alone.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="spmd_lopt_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 import jax  # noqa: E402  (after the flag on purpose)
 import pytest  # noqa: E402

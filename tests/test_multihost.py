@@ -55,6 +55,10 @@ def _spawn(workdir, num_processes, port, per_process=None, timeout_s=120, only=N
     environ = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                    JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep +
                    os.environ.get("PYTHONPATH", ""), **(env or {}))
+    # No persistent compilation cache (conftest sets one): process 0 would load what
+    # process 1 compiles, and the gap can outlast gloo's connect timeout (README,
+    # "Why no compilation cache with 2 processes").
+    environ.pop("JAX_COMPILATION_CACHE_DIR", None)
     argv = [f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
             f"--num_processes={num_processes}", f"--process_id={i}",
             f"--init_timeout_s={timeout_s}"]
