@@ -147,10 +147,9 @@ def test_worker_subprocess_for_2_devices(tmp_path):
 
 
 @pytest.mark.slow  # kept out of the default run for time; `-m slow` runs it
-def test_two_process_gloo_run(tmp_path, monkeypatch):
+def test_two_process_gloo_run(tmp_path):
   """Multi-process weak scaling: 1 then 2 processes (one CPU device each, gloo) run the
   fused step through the library unchanged and report timings."""
-  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # see test_multihost
   if jax.default_backend() != "cpu":
     pytest.skip("the multi-process experiment is CPU-only")
   cfg = _tiny_cfg(mp_processes=2, mp_tasks_per_process=1, mp_pin=False)

@@ -78,9 +78,11 @@ def _flags_without_device_count() -> str:
 
 
 def _spawn(bcfg, spec: dict, env_extra: dict, outfile: str, extra_args=(),
-           affinity: Optional[int] = None):
+           affinity: Optional[int] = None, persistent_cache: bool = True):
   env = dict(os.environ)
   env.update(env_extra)
+  if not persistent_cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   root = _repo_root()
   env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
   cmd = [sys.executable, "-m", "spmd_lopt.bench", "--worker", json.dumps(spec),
@@ -160,7 +162,11 @@ def run_multiprocess(bcfg, workdir: str, log=print) -> list[dict]:
           "JAX_PLATFORMS": "cpu"}, out,
                           ["--mp_num_processes", str(nproc), "--mp_process_id", str(i),
                            "--mp_coordinator", f"127.0.0.1:{port}"],
-                          affinity=i if bcfg.mp_pin else None))
+                          affinity=i if bcfg.mp_pin else None,
+                          # a cache the caller set: process 0 would load while process 1
+                          # compiles, past gloo's connect timeout (README, the kill
+                          # campaign); and compile times are part of the record
+                          persistent_cache=False))
     got = [_collect(p, o, bcfg.worker_timeout_s) for p, o in zip(procs, outs)]
     recs, _ = got[0]
     if not recs:
