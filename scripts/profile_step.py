@@ -180,10 +180,11 @@ def parse_hlo(text: str):
   return comps
 
 
-def executed_ops(comps, name: str, seen=()) -> collections.Counter:
+def executed_ops(comps, name: str, seen=(), pick=max) -> collections.Counter:
   """Top-level ops one run of computation ``name`` executes (free ones excluded): each
   nested ``while`` counts its condition and body ``known_trip_count`` times, and a
-  ``conditional`` its largest branch (on CPU each top-level op is one runtime thunk)."""
+  ``conditional`` the branch that ``pick`` (``max`` or ``min``, by op count) chooses (on
+  CPU each top-level op is one runtime thunk)."""
   out = collections.Counter()
   for op, line in comps.get(name, []):
     if op in _FREE:
@@ -195,24 +196,25 @@ def executed_ops(comps, name: str, seen=()) -> collections.Counter:
       for part in ("condition", "body"):
         mc = re.search(part + r"=%?([\w.\-]+)", line)
         if mc:
-          for k, v in executed_ops(comps, mc.group(1), seen + (name,)).items():
+          for k, v in executed_ops(comps, mc.group(1), seen + (name,), pick).items():
             out[k] += n * v
     elif op == "conditional":
       branches = re.findall(r"%([\w.\-]+)", line.split("branch_computations=")[-1]
                             if "branch_computations=" in line else
                             " ".join(re.findall(r"(?:true|false)_computation=%?[\w.\-]+",
                                                 line)))
-      best = max((executed_ops(comps, b, seen + (name,)) for b in branches
-                  if b in comps), key=lambda c: sum(c.values()), default=None)
+      best = pick((executed_ops(comps, b, seen + (name,), pick) for b in branches
+                   if b in comps), key=lambda c: sum(c.values()), default=None)
       if best:
         out.update(best)
   return out
 
 
-def hlo_op_counts(text: str):
+def hlo_op_counts(text: str, pick=max):
   """Per ``while`` loop of the module: ``(body name, trip count, executed ops of one
   iteration)``, largest first (the truncation's inner step is the scan of
-  trip count trunc_length)."""
+  trip count trunc_length); conditionals counted by ``pick``'s branch (see
+  ``executed_ops``)."""
   comps = parse_hlo(text)
   out = []
   for instrs in comps.values():
@@ -221,7 +223,7 @@ def hlo_op_counts(text: str):
         mb = re.search(r"body=%?([\w.\-]+)", line)
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
         out.append((mb.group(1), int(trips.group(1)) if trips else -1,
-                    executed_ops(comps, mb.group(1))))
+                    executed_ops(comps, mb.group(1), pick=pick)))
   out.sort(key=lambda x: -sum(x[2].values()))
   return out
 
@@ -255,12 +257,16 @@ def describe(tag, lrn, state, args, options=None):
         f"args {mem.get('argument', 0) / 1e6:.2f} MB; HLO: {top['fusion']} fusions, "
         f"{top['while']} whiles, {top['dot']} dots, {top['custom-call']} custom-calls, "
         f"{top['conditional']} conditionals, {len(text.splitlines())} lines")
+  least = {body: sum(cnt.values()) for body, _, cnt in hlo_op_counts(text, pick=min)}
   for body, trips, cnt in hlo_op_counts(text)[:2]:
     n = sum(cnt.values())
     named = ("fusion", "dot", "custom-call", "while", "conditional", "copy")
     other = n - sum(cnt[k] for k in named)
+    # A step whose common branch is cheap (no task resets) runs the smaller count.
+    fewest = (f"; {least[body]} when every conditional takes its smallest branch"
+              if least.get(body, n) != n else "")
     print(f"[{tag}]   loop x{trips}: {n} ops executed per iteration ("
-          + ", ".join(f"{k} {cnt[k]}" for k in named) + f", other {other})")
+          + ", ".join(f"{k} {cnt[k]}" for k in named) + f", other {other}){fewest}")
   return compiled
 
 

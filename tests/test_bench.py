@@ -277,3 +277,25 @@ def test_trace_step_reads_thunk_times_from_a_profiler_trace(tmp_path):
   assert max(count.values()) >= 3  # each instruction ran once per call
   assert set(by_thread) == set(total)
   assert not any(name.startswith("$") or "::" in name for name in total)
+
+
+def test_profile_step_counts_a_conditional_by_its_largest_or_smallest_branch():
+  """scripts/profile_step.py's executed-ops count of a scan whose body holds a cond with a
+  costly and a cheap branch: the largest-branch count exceeds the smallest-branch one, and
+  both see the scan's trip count."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+  import profile_step  # pylint: disable=import-outside-toplevel
+
+  def body(c, x):
+    costly = lambda v: jnp.tanh(jnp.sin(v) @ jnp.cos(v).T) @ jnp.exp(v)
+    c = jax.lax.cond(x > 0, costly, lambda v: v, c)
+    return c * 2.0, None
+
+  f = jax.jit(lambda c, xs: jax.lax.scan(body, c, xs)[0])
+  text = f.lower(jnp.ones((8, 8)), jnp.arange(7.0)).compile().as_text()
+  most = profile_step.hlo_op_counts(text)
+  least = profile_step.hlo_op_counts(text, pick=min)
+  (_, trips, big), = [w for w in most if w[1] == 7]
+  (_, _, small), = [w for w in least if w[1] == 7]
+  assert trips == 7 and big["conditional"] == 1 == small["conditional"]
+  assert sum(big.values()) > sum(small.values()) > 0
