@@ -257,9 +257,9 @@ def test_cond_resets_of_few_or_many_tasks_equal_select_bit_for_bit(theta_is_vect
         theta = jax.tree.map(
             lambda x: x + 0.01 * jax.random.normal(jax.random.key(3), (n,) + x.shape), theta)
       state = step.init_step_state(theta, OS, jax.random.key(1), theta_is_vector=theta_is_vector)
-      # small enough for the gathered path (it is taken per device, on <= n tasks)
-      assert (lopt_truncated_step._nbytes(state)  # pylint: disable=protected-access
-              <= lopt_truncated_step.FEW_RESETS_MAX_STATE_BYTES)
+      # small enough for the gathered path (on 64 tasks, and on 32 per device)
+      nbytes = lopt_truncated_step._nbytes(state)  # pylint: disable=protected-access
+      assert lopt_truncated_step.gathered_resets_pay(nbytes // 2, n // 2)
       outs[mode] = _unroll_fn(step, theta, theta_is_vector)(state)
       # 2 devices, 32 tasks each (at most 4 gathered per device), against "select" on 2.
       outs[mode + "_2_devices"] = _unroll_fn(step, theta, theta_is_vector,
@@ -278,3 +278,45 @@ def test_state_size_counts_arrays_and_keys():
   nbytes = lopt_truncated_step._nbytes  # pylint: disable=protected-access
   assert nbytes(tree) == 48 + 5 + 2 * 2 * 4
   assert jax.jit(lambda t: jnp.float32(nbytes(t)))(tree) == nbytes(tree)
+
+
+def _cond_branch_counts(step, theta):
+  """Branch counts of every ``cond`` in the jaxpr of one ``unroll`` step (nested too);
+  traced on abstract states, nothing runs."""
+  state = jax.eval_shape(lambda: step.init_step_state(theta, OS, jax.random.key(1)))
+  jaxpr = jax.make_jaxpr(lambda s: step.unroll(theta, s, jax.random.key(2), 1, OS))(state)
+  out = []
+
+  def visit(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "cond":
+        out.append(len(eqn.params["branches"]))
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          if hasattr(sub, "jaxpr"):
+            visit(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+  visit(jaxpr.jaxpr)
+  return out
+
+
+def test_gathered_resets_follow_the_per_task_state_size():
+  """"cond" takes the three-way gathered switch for many small tasks, however large their
+  state in all (1,024 quadratics, ~340 kB: above the earlier 256 kB total bound), and the
+  two-way cond for tasks of more than FEW_RESETS_MAX_TASK_STATE_BYTES each, or fewer
+  tasks than gathered slots; "select" has no conditional."""
+  lopt = mlp_lopt.MLPLOpt(hidden_size=4)
+  theta = lopt.init(jax.random.key(0))
+  sched = truncation_schedule.LogUniformLengthSchedule(4, 40)
+  make = lambda dim, n, mode="cond": lopt_truncated_step.VectorizedLOptTruncatedStep(
+      quadratics.FixedDimQuadraticFamily(dim), lopt, sched, num_tasks=n,
+      random_initial_iteration_offset=40, reset_mode=mode)
+  many_small = make(10, 1024)
+  sizes = []
+  jax.eval_shape(lambda: sizes.append(lopt_truncated_step._nbytes(  # pylint: disable=protected-access
+      many_small.init_step_state(theta, OS, jax.random.key(1)))))
+  assert sizes[0] > 256 * 1024
+  assert 3 in _cond_branch_counts(many_small, theta)
+  assert 3 not in _cond_branch_counts(make(2000, 16), theta)  # ~40 kB per task
+  assert 2 in _cond_branch_counts(make(2000, 16), theta)
+  assert 3 not in _cond_branch_counts(make(10, 7), theta)  # 7 // 8 == 0 gathered slots
+  assert not _cond_branch_counts(make(10, 64, "select"), theta)

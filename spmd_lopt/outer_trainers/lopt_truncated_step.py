@@ -23,7 +23,7 @@ whichever device holds it. The training batch, the meta-loss batch, the reset an
 truncation schedule each get their own stream of that key.
 
 Resets (``reset_mode``): ``"cond"`` computes fresh trajectories only when some local task
-is done (a scalar ``lax.cond`` around the re-initialisation; with small task states a
+is done (a scalar ``lax.cond`` around the re-initialisation; with small per-task states a
 three-way ``lax.switch`` that, when at most ``n // FEW_RESETS_DIVISOR`` of the ``n`` local
 tasks are done, initialises only those, gathered by a static-size ``nonzero`` and scattered
 back); ``"select"`` computes them on every step and picks per task with ``where`` (no
@@ -58,15 +58,27 @@ from spmd_lopt.outer_trainers import truncation_schedule
 from spmd_lopt.tasks import base as tasks_base
 
 RESET_MODES = ("cond", "select")
-# "cond" with small task states: with lengths 100-300, n tasks see ~n/200 resets per step,
-# so most steps with a reset have one or two; a three-way switch (none / at most n // 8,
+# "cond" with small per-task states: with lengths 100-300, n tasks see ~n/200 resets per
+# step, so most steps with a reset have a few; a three-way switch (none / at most n // 8,
 # gathered and initialised alone / more, all n) then beats initialising all n. XLA copies
-# the state in the switch's pass-through branch on every step, so it pays only where that
-# copy is cheap: 64 10-d quadratics (PES, 128 lanes, ~40 kB of state): 1.14-1.15x per meta
-# step, 1.12x on 2 devices; image MLP 16 tasks (2.2 MB): 0.93-0.95x, so the plain cond
-# there (docs/PERFORMANCE.md, round four).
+# the state in the switch's pass-through branch on every step, so it pays only where the
+# tasks are small and many (resets on most steps, each initialisation cheap):
+# 10-d quadratics (~330 bytes each) 1.14-1.15x per meta step at 64 tasks (PES, 128 lanes),
+# 1.12x on 2 devices, and unroll A/Bs 1.25x / 1.12x / 1.14x / 1.11x at 512 / 1,024 / 2,048 /
+# 4,096 tasks (170 kB - 1.4 MB of state); the 8x8 image MLP (~67 kB per task) 0.93-0.95x
+# at 16 tasks and 0.97-0.98x at 32 and 64, so the plain cond there (docs/PERFORMANCE.md,
+# rounds four and five). No task size between 0.3 and 67 kB was measured.
 FEW_RESETS_DIVISOR = 8
-FEW_RESETS_MAX_STATE_BYTES = 256 * 1024
+FEW_RESETS_MAX_TASK_STATE_BYTES = 4 * 1024
+
+
+def gathered_resets_pay(state_bytes: int, num_tasks: int) -> bool:
+  """Whether ``reset_mode="cond"`` uses the gathered three-way switch for ``num_tasks``
+  local tasks holding ``state_bytes`` of state in all: at least one task per gathered
+  slot (``num_tasks // FEW_RESETS_DIVISOR > 0``) and at most
+  ``FEW_RESETS_MAX_TASK_STATE_BYTES`` per task."""
+  return (num_tasks // FEW_RESETS_DIVISOR > 0
+          and state_bytes <= FEW_RESETS_MAX_TASK_STATE_BYTES * num_tasks)
 
 
 def _nbytes(tree) -> int:
@@ -277,8 +289,7 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
       fresh = jax.vmap(init, in_axes=(th_axis, 0))(th, k_reset[at])
       return jax.tree.map(lambda t, f: t.at[idx].set(f, mode="drop"), trained, fresh)
 
-    if (self.reset_mode == "cond" and few > 0
-        and _nbytes(trained) <= FEW_RESETS_MAX_STATE_BYTES):
+    if self.reset_mode == "cond" and gathered_resets_pay(_nbytes(trained), n):
       count = jnp.sum(reset.astype(jnp.int32))
       branch = jnp.where(count == 0, 0, jnp.where(count <= few, 1, 2))
       next_state = jax.lax.switch(branch, [lambda: trained, with_few_resets, with_resets])
