@@ -12,10 +12,11 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # A persistent compilation cache for this session only, in the environment so that the
-# launcher and multi-process tests' child processes share it: many tests build the same
-# learner program (and every process of a multi-process test the same one), and XLA's
-# compile is most of their time. Each test still traces and lowers its own program; only
-# an identical HLO module is reused. A cache the caller set is left alone.
+# pytest-xdist workers and the CLI tests' child processes share it: many tests build the
+# same learner program (and a resumed CLI run the program its first launch compiled), and
+# XLA's compile is most of their time. Each test still traces and lowers its own program;
+# only an identical HLO module is reused. Multi-process tests take it out of their
+# children's environment (tests/test_multihost.py). A cache the caller set is left alone.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix="spmd_lopt_test_xla_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
