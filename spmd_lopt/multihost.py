@@ -76,6 +76,24 @@ def _wait_for_coordinator(address: str, timeout_s: float):
     time.sleep(0.2)
 
 
+def compilation_cache_warning(platform: str, num_processes: int,
+                              cache_dir: Optional[str]) -> Optional[str]:
+  """The warning for a persistent compilation cache in a multi-process CPU run, or None.
+
+  JAX writes cache entries only from process 0, and on CPU the other processes' cache
+  keys differ from process 0's (measured: process 0 hit all 14 programs of a launch,
+  process 1 missed all 14). So process 0 loads a program at once while the others compile
+  it, and gloo's fixed 30 s connect timeout can expire before they join it.
+  """
+  if platform != "cpu" or num_processes <= 1 or not cache_dir:
+    return None
+  return (f"JAX_COMPILATION_CACHE_DIR ({cache_dir}) is set for a {num_processes}-process "
+          "CPU run: only process 0 gets cache hits here, so it can reach the first "
+          "collective long before the others finish compiling and gloo's 30 s connect "
+          "timeout (DEADLINE_EXCEEDED) can fail the launch. Unset it for multi-process "
+          "CPU runs (README: 'Why no compilation cache with 2 processes').")
+
+
 def initialize(coordinator_address: Optional[str] = None,
                num_processes: Optional[int] = None, process_id: Optional[int] = None,
                timeout_s: float = 300.0) -> bool:
@@ -132,6 +150,10 @@ def initialize(coordinator_address: Optional[str] = None,
   jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                              process_id=process_id,
                              initialization_timeout=int(max(1, timeout_s)))
+  warning = compilation_cache_warning(jax.default_backend(), num_processes,
+                                      jax.config.jax_compilation_cache_dir)
+  if warning and is_logging_process():
+    logging.warning("%s", warning)
   return True
 
 

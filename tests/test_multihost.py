@@ -388,3 +388,14 @@ def test_auto_calls_jax_distributed_without_arguments(monkeypatch):
   assert calls == [((), {"initialization_timeout": 7})]
   with pytest.raises(ValueError, match="auto lets JAX find"):
     multihost.initialize("auto", num_processes=2)
+
+
+def test_compilation_cache_warning_only_for_multi_process_cpu_runs():
+  """A persistent cache in a multi-process CPU run is warned about (process 1 misses it
+  and may not join gloo in time); one process, another platform or no cache: nothing."""
+  msg = multihost.compilation_cache_warning("cpu", 2, "/tmp/cache")
+  assert msg and "/tmp/cache" in msg and "2-process" in msg and "\n" not in msg
+  assert multihost.compilation_cache_warning("cpu", 1, "/tmp/cache") is None
+  assert multihost.compilation_cache_warning("tpu", 8, "/tmp/cache") is None
+  assert multihost.compilation_cache_warning("cpu", 2, None) is None
+  assert multihost.compilation_cache_warning("cpu", 2, "") is None
