@@ -302,21 +302,28 @@ def _cond_branch_counts(step, theta):
 def test_gathered_resets_follow_the_per_task_state_size():
   """"cond" takes the three-way gathered switch for many small tasks, however large their
   state in all (1,024 quadratics, ~340 kB: above the earlier 256 kB total bound), and the
-  two-way cond for tasks of more than FEW_RESETS_MAX_TASK_STATE_BYTES each, or fewer
-  tasks than gathered slots; "select" has no conditional."""
+  two-way cond for tasks of more than FEW_RESETS_MAX_TASK_STATE_BYTES each (64-d and
+  2,000-d quadratics), or fewer tasks than gathered slots; "select" has no conditional."""
   lopt = mlp_lopt.MLPLOpt(hidden_size=4)
   theta = lopt.init(jax.random.key(0))
   sched = truncation_schedule.LogUniformLengthSchedule(4, 40)
   make = lambda dim, n, mode="cond": lopt_truncated_step.VectorizedLOptTruncatedStep(
       quadratics.FixedDimQuadraticFamily(dim), lopt, sched, num_tasks=n,
       random_initial_iteration_offset=40, reset_mode=mode)
+  def state_bytes(step):
+    sizes = []
+    jax.eval_shape(lambda: sizes.append(lopt_truncated_step._nbytes(  # pylint: disable=protected-access
+        step.init_step_state(theta, OS, jax.random.key(1)))))
+    return sizes[0]
+
+  bound = lopt_truncated_step.FEW_RESETS_MAX_TASK_STATE_BYTES
   many_small = make(10, 1024)
-  sizes = []
-  jax.eval_shape(lambda: sizes.append(lopt_truncated_step._nbytes(  # pylint: disable=protected-access
-      many_small.init_step_state(theta, OS, jax.random.key(1)))))
-  assert sizes[0] > 256 * 1024
+  assert state_bytes(many_small) > 256 * 1024
   assert 3 in _cond_branch_counts(many_small, theta)
-  assert 3 not in _cond_branch_counts(make(2000, 16), theta)  # ~40 kB per task
-  assert 2 in _cond_branch_counts(make(2000, 16), theta)
+  for dim in (64, 2000):  # ~2 kB and ~40 kB per task
+    larger = make(dim, 16)
+    assert state_bytes(larger) > 16 * bound
+    branches = _cond_branch_counts(larger, theta)
+    assert 3 not in branches and 2 in branches, dim
   assert 3 not in _cond_branch_counts(make(10, 7), theta)  # 7 // 8 == 0 gathered slots
   assert not _cond_branch_counts(make(10, 64, "select"), theta)

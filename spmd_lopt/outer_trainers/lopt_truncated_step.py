@@ -65,11 +65,12 @@ RESET_MODES = ("cond", "select")
 # tasks are small and many (resets on most steps, each initialisation cheap):
 # 10-d quadratics (~330 bytes each) 1.14-1.15x per meta step at 64 tasks (PES, 128 lanes),
 # 1.12x on 2 devices, and unroll A/Bs 1.25x / 1.12x / 1.14x / 1.11x at 512 / 1,024 / 2,048 /
-# 4,096 tasks (170 kB - 1.4 MB of state); the 8x8 image MLP (~67 kB per task) 0.93-0.95x
-# at 16 tasks and 0.97-0.98x at 32 and 64, so the plain cond there (docs/PERFORMANCE.md,
-# rounds four and five). No task size between 0.3 and 67 kB was measured.
+# 4,096 tasks (170 kB - 1.4 MB of state). Larger tasks gain nothing: 64-d quadratics
+# (~2 kB each) 0.96x / 1.02x at 256 / 1,024 tasks, 256-d (~8 kB) 1.00x, 1,024-d (~33 kB)
+# 1.00x, the 8x8 image MLP (~67 kB) 0.93-0.95x at 16 tasks and 0.97-0.98x at 32 and 64, so
+# the plain cond there (docs/PERFORMANCE.md, rounds four and five).
 FEW_RESETS_DIVISOR = 8
-FEW_RESETS_MAX_TASK_STATE_BYTES = 4 * 1024
+FEW_RESETS_MAX_TASK_STATE_BYTES = 1024
 
 
 def gathered_resets_pay(state_bytes: int, num_tasks: int) -> bool:
