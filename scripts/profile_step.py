@@ -215,7 +215,11 @@ def hlo_op_counts(text: str, pick=max):
   iteration)``, largest first (the truncation's inner step is the scan of
   trip count trunc_length); conditionals counted by ``pick``'s branch (see
   ``executed_ops``)."""
-  comps = parse_hlo(text)
+  return while_loop_ops(parse_hlo(text), pick)
+
+
+def while_loop_ops(comps, pick=max):
+  """``hlo_op_counts`` of a module already parsed by ``parse_hlo``."""
   out = []
   for instrs in comps.values():
     for op, line in instrs:
@@ -257,8 +261,8 @@ def describe(tag, lrn, state, args, options=None):
         f"args {mem.get('argument', 0) / 1e6:.2f} MB; HLO: {top['fusion']} fusions, "
         f"{top['while']} whiles, {top['dot']} dots, {top['custom-call']} custom-calls, "
         f"{top['conditional']} conditionals, {len(text.splitlines())} lines")
-  least = {body: sum(cnt.values()) for body, _, cnt in hlo_op_counts(text, pick=min)}
-  for body, trips, cnt in hlo_op_counts(text)[:2]:
+  least = {body: sum(cnt.values()) for body, _, cnt in while_loop_ops(comps, pick=min)}
+  for body, trips, cnt in while_loop_ops(comps)[:2]:
     n = sum(cnt.values())
     named = ("fusion", "dot", "custom-call", "while", "conditional", "copy")
     other = n - sum(cnt[k] for k in named)

@@ -236,9 +236,9 @@ def _unroll_fn(step, theta, theta_is_vector, mesh=None):
 @pytest.mark.slow  # ~10 s each; test_estimator_contracts checks the branches by default
 @pytest.mark.parametrize("theta_is_vector", [False, True])
 def test_cond_resets_of_few_or_many_tasks_equal_select_bit_for_bit(theta_is_vector):
-  """With small task states "cond" re-initialises only the gathered resetting tasks when
-  at most n // 8 reset and all n otherwise; every branch must give the "select" numbers
-  exactly, on one device and inside shard_map on two. Staggered lengths exercise the
+  """With small per-task states "cond" re-initialises only the gathered resetting tasks
+  when at most n // 8 reset and all n otherwise; every branch must give the "select"
+  numbers exactly, on one device and inside shard_map on two. Staggered lengths exercise the
   gathered branch (1..8 of 64 tasks), equal lengths without an offset make all 64 reset at
   once (the full branch)."""
   n = 64
