@@ -117,7 +117,9 @@ def main():
         lambda th, o, tp, k, mod=mod: inner_step.train_step(
             fam.task_fn(tp), mod.Celo2().opt_fn(th), o, k)[0]), (thetas, ost, tps, keys))
 
-  opts = xla_options.step_options(sharding.make_mesh(num_devices=1))
+  # As the learner compiles Celo2's meta step (Celo2.cpu_library_graphs).
+  opts = xla_options.step_options(sharding.make_mesh(num_devices=1),
+                                  library_graphs=celo2.Celo2.cpu_library_graphs)
   compiled = {}
   for name, (fn, fargs) in pieces.items():
     c = jax.jit(fn).lower(*fargs).compile(opts)

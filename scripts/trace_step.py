@@ -51,6 +51,8 @@ def parse_args():
   ap.add_argument("--calls", type=int, default=3, help="traced updates")
   ap.add_argument("--min_ms", type=float, default=0.4, help="print thunks above this")
   ap.add_argument("--hlo", default=None, help="write the compiled module's text here")
+  ap.add_argument("--no_options", action="store_true",
+                  help="compile without spmd_lopt.xla_options' options")
   args = ap.parse_args()
   profile_step.apply_recipe(args, ap)
   return args
@@ -81,6 +83,8 @@ def main():
   from spmd_lopt import sharding  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(num_devices=args.devices)
   lrn, state = profile_step.build(args, mesh)
+  if args.no_options:
+    lrn.compiler_options = {}  # read when the step is first jitted, below
   key = jax.random.key(1)
   state = lrn.update(state, key)[0]
   jax.block_until_ready(state)

@@ -23,6 +23,14 @@ or faster without the option (three A/Bs, CPU time 1.09x, 1.06x, 1.04x; wall 1.0
 0.99x). So ``step_options`` takes the largest per-task tensor size
 (``max_entries``) when the caller knows it and keeps the default compile below
 ``MIN_LIBRARY_ROWS`` entries.
+
+Nor does it pay for every learned optimizer. Interleaved A/B of whole meta steps with and
+without the options (``docs/PERFORMANCE.md``, "Round six"): MLPLOpt 1.2-1.56x faster with
+them, LearnableSGD / LearnableAdam 1.09-1.12x (the tasks' own products); but Celo2 1.10-1.16x
+slower on its recipe (its Newton-Schulz products, fused into one graph, take 1.8x their
+separate time), Celo2-base 1.10x, AdafacMLPLOpt 1.25-1.67x and NNAdam 1.09-1.11x. A rule
+states which it is (``LearnedOptimizer.cpu_library_graphs``) and the learner passes it as
+``library_graphs``.
 """
 
 from __future__ import annotations
@@ -49,16 +57,20 @@ def _cpu_options_supported() -> bool:
 
 
 def step_options(mesh: jax.sharding.Mesh | None = None,
-                 max_entries: int | None = None) -> dict:
+                 max_entries: int | None = None, library_graphs: bool = True) -> dict:
   """Compiler options for a program running on ``mesh``'s devices (default devices when
   ``None``): ``CPU_OPTIONS`` on CPU when this XLA supports them, else ``{}``.
 
   max_entries: the size of the largest parameter tensor of one inner task (the rows of
   the per-parameter MLP's products), if known; below ``MIN_LIBRARY_ROWS`` the options are
   left out. ``None`` (unknown) keeps them.
+  library_graphs: ``False`` leaves them out: the step's learned optimizer runs slower
+  with them (``LearnedOptimizer.cpu_library_graphs``).
   """
   devices = mesh.devices.flat if mesh is not None else jax.devices()
   platform = next(iter(devices)).platform
+  if not library_graphs:
+    return {}
   if max_entries is not None and max_entries < MIN_LIBRARY_ROWS:
     return {}
   if platform == "cpu" and _cpu_options_supported():

@@ -6,7 +6,11 @@ import numpy as np
 
 from spmd_lopt import sharding
 from spmd_lopt import xla_options
+from spmd_lopt.learned_optimizers import adafac_mlp_lopt
+from spmd_lopt.learned_optimizers import base as lopt_base
+from spmd_lopt.learned_optimizers import celo2
 from spmd_lopt.learned_optimizers import mlp_lopt
+from spmd_lopt.learned_optimizers import nn_adam
 from spmd_lopt.optimizers import base as opt_base
 from spmd_lopt.outer_trainers import gradient_learner
 
@@ -62,3 +66,48 @@ def test_learner_gates_the_options_on_its_tasks_largest_tensor():
   assert make(10).compiler_options == {}  # 10-d quadratics: small products
   # Any estimator with large tensors turns the option on for the whole step.
   assert make(10, 64).compiler_options == xla_options.CPU_OPTIONS
+
+
+def test_rules_that_run_slower_with_library_graphs_get_the_default_compile():
+  """Celo2 (and Celo2-base), AdafacMLPLOpt and NNAdam measured slower meta steps with the
+  options (docs/PERFORMANCE.md, "Round six"); MLPLOpt and the learnable baselines keep
+  them. Any rule of the step that says no turns them off."""
+  mesh = sharding.make_mesh(num_devices=1)
+
+  def make(lopt, est_lopt=None):
+    est = pes_estimator(est_lopt or lopt, num_tasks=2, dim=64)
+    return gradient_learner.SpmdGradientLearner(lopt, [est], opt_base.Adam(1e-3), mesh=mesh)
+
+  assert xla_options.step_options(library_graphs=False) == {}
+  for lopt in (mlp_lopt.MLPLOpt(), lopt_base.LearnableSGD(), lopt_base.LearnableAdam()):
+    assert make(lopt).compiler_options == xla_options.CPU_OPTIONS, type(lopt).__name__
+  for lopt in (celo2.Celo2(), celo2.Celo2Base(), adafac_mlp_lopt.AdafacMLPLOpt(),
+               nn_adam.NNAdam()):
+    assert make(lopt).compiler_options == {}, type(lopt).__name__
+  assert make(mlp_lopt.MLPLOpt(), est_lopt=celo2.Celo2()).compiler_options == {}
+  assert gradient_learner.library_graphs_pay([None, mlp_lopt.MLPLOpt()])
+
+
+def test_celo2_steps_same_with_and_without_library_graphs():
+  """The options only change how XLA runs Celo2's rule: 3 steps on 4 tasks' 64x32 kernels
+  (the Newton-Schulz products the library graph fuses) agree to float rounding."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  theta = celo2.Celo2().init(keys[0])
+  params = {"w": jax.random.normal(keys[1], (4, 64, 32)), "b": jnp.zeros((4, 32))}
+  grads = jax.tree.map(lambda p: jax.random.normal(keys[2], (3,) + p.shape), params)
+  tx = celo2.scale_by_celo2(theta)
+
+  def run(params, grads):
+    def one_task(p, gs):
+      def step(carry, g):
+        p, st = carry
+        u, st = tx.update(g, st, p)
+        return (jax.tree.map(lambda a, b: a - 1e-2 * b, p, u), st), u
+      return jax.lax.scan(step, (p, tx.init(p)), gs)[1]
+    return jax.vmap(one_task, in_axes=(0, 1))(params, grads)
+
+  plain = jax.jit(run).lower(params, grads).compile()
+  fused = jax.jit(run).lower(params, grads).compile(xla_options.CPU_OPTIONS)
+  assert fused.as_text().count(" fusion(") != plain.as_text().count(" fusion(")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5),
+               fused(params, grads), plain(params, grads))

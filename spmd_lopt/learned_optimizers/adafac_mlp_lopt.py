@@ -81,6 +81,10 @@ class AdafacMLPLOptState:
 class AdafacMLPLOpt(lopt_base.LearnedOptimizer):
   """Per-parameter MLP over Adafactor-style features (see module docstring for the math)."""
 
+  # Its meta step on the image MLP runs 1.25x (1 device) to 1.67x (2) faster without
+  # XLA's CPU library graphs (lopt_base.LearnedOptimizer.cpu_library_graphs).
+  cpu_library_graphs = False
+
   def __init__(self, exp_mult: float = 0.001, step_mult: float = 0.001,
                hidden_size: int = 4, hidden_layers: int = 2,
                initial_momentum_decays: Sequence[float] = (0.9, 0.99, 0.999),

@@ -47,6 +47,13 @@ class LearnedOptimizer:
   """
 
   name: Optional[str] = None
+  # Whether XLA's CPU library graphs (``xla_options.CPU_OPTIONS``) speed up a meta step
+  # that trains tasks with this rule. They fuse chains of products with their bias and
+  # ReLU (MLPLOpt's per-parameter MLP, the tasks' own layers); rules whose per-parameter
+  # work is mostly elementwise, or whose products feed products (Newton-Schulz), run
+  # slower with them and set this False (measured per rule: docs/PERFORMANCE.md,
+  # "Round six").
+  cpu_library_graphs: bool = True
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)

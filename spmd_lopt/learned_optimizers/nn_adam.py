@@ -117,6 +117,10 @@ class NNAdamState:
 class NNAdam(lopt_base.LearnedOptimizer):
   """Adam with per-tensor hyper-parameters steered by an LSTM (see module docstring)."""
 
+  # Its meta step on the image MLP runs 1.09-1.11x faster without XLA's CPU library
+  # graphs (lopt_base.LearnedOptimizer.cpu_library_graphs).
+  cpu_library_graphs = False
+
   def __init__(self, output_scale: float = 0.01, initial_learning_rate: float = 1e-4,
                initial_beta1: float = 0.9, initial_beta2: float = 0.999,
                initial_epsilon: float = 1e-8, lstm_hidden_size: int = 32):

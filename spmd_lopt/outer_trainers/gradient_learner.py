@@ -111,6 +111,14 @@ def largest_task_tensor(est) -> Optional[int]:
   return max((int(x.size) for x in jax.tree.leaves(shapes)), default=0)
 
 
+def library_graphs_pay(learned_opts) -> bool:
+  """Whether XLA's CPU library graphs speed up a step training with all of
+  ``learned_opts`` (``None`` entries skipped): every one's ``cpu_library_graphs``,
+  ``True`` when a rule does not say."""
+  return all(getattr(lo, "cpu_library_graphs", True) for lo in learned_opts
+             if lo is not None)
+
+
 class SpmdGradientLearner:
   """Meta-train ``meta_init`` with ``gradient_estimators``, tasks sharded over a mesh.
 
@@ -155,7 +163,10 @@ class SpmdGradientLearner:
     # The largest products of the step decide whether XLA's CPU library graphs pay
     # (xla_options.step_options); unknown for any estimator -> keep the default (None).
     max_entries = None if None in sizes else max(sizes)
-    self.compiler_options = xla_options.step_options(self.mesh, max_entries)
+    self.compiler_options = xla_options.step_options(
+        self.mesh, max_entries, library_graphs=library_graphs_pay(
+            [meta_init] + [getattr(getattr(e, "truncated_step", None), "learned_opt", None)
+                           for e in self.gradient_estimators]))
     self._jit_init = None
     self._jit_update = {}
     self._jit_update_many = {}
