@@ -9,10 +9,10 @@ label-permuted (README "Tasks"). Every task has the paper's per-iteration shapes
 of 8x8x1 images, MLP 64-32-10 ReLU, 2,410 parameters, meta-loss clipped to [0, 1.5 ln 10]),
 so an iteration costs what one of the paper's does. Nothing is downloaded.
 
-Time on this 2-core CPU (2026-12-07, load 1.2-1.9, this command with ``outer_steps`` 60 and
-100): 1 device, compile and first step 24 s, then 0.56 s per outer iteration (1.8 per s);
-2 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``), 30 s, then 0.32 s (3.1
-per s). Projected full run: 100k x 0.32 s = ~8.8 hours on 2 devices (~15.5 on 1); the paper
+Time on this 2-core CPU (2026-12-07, load 0.9-1.5, this command with ``outer_steps`` 60 and
+100): 1 device, compile and first step 24 s, then 0.48 s per outer iteration (2.1 per s);
+2 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``), 29 s, then 0.24 s (4.2
+per s). Projected full run: 100k x 0.24 s = ~6.6 hours on 2 devices (~13 on 1); the paper
 reports about 4.5 A100-hours. Every iteration is 3,200 inner steps. (Earlier, with 8
 developers sharing the machine, load ~10: 1.85 s per iteration on 1 device.)
 

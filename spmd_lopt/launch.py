@@ -173,6 +173,8 @@ def train(cfg, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
         ckpt.settle()
         step = (c + 1) * spc
         timer.tick(loss, spc)
+        if c == num_calls - 1:
+          timer.stop(loss)  # before the final checkpoint
         log.add(loss, metrics)
         if log.due(step):
           log.write(step, evaluator.maybe_evaluate(step, state))

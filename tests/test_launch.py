@@ -165,3 +165,21 @@ def test_every_json_the_launcher_writes_is_strict(tmp_path, monkeypatch, devices
   assert {"metrics.jsonl", "summary.json", "config.json",
           os.path.join("checkpoints", "3", "meta", "metadata")} <= set(checked), checked
   assert json.loads((workdir / "summary.json").read_text())["meta_loss_end"] is None
+
+
+def test_steady_state_rate_ends_with_the_last_step(monkeypatch):
+  """Time after ``stop`` (the final checkpoint, the outputs) is not in steps/s."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from spmd_lopt.train import outputs  # pylint: disable=import-outside-toplevel
+  now = [100.0]
+  monkeypatch.setattr(outputs.time, "time", lambda: now[0])
+  timer = outputs.Timer()
+  now[0] += 20.0
+  timer.tick(jnp.zeros(()), 1)   # compile + first call: 20 s
+  for _ in range(10):
+    now[0] += 0.5
+    timer.tick(jnp.zeros(()), 1)
+  timer.stop(jnp.zeros(()))
+  now[0] += 30.0                 # final checkpoint, plots
+  assert timer.compile_s == pytest.approx(20.0)
+  assert timer.steps_per_s() == pytest.approx(2.0)

@@ -176,10 +176,12 @@ class Log:
 
 
 class Timer:
-  """Compile + first call, then steady-state steps per second."""
+  """Compile + first call, then steady-state steps per second: from the end of the first
+  call to the end of the last (``stop``), so the final checkpoint and the outputs written
+  after the loop do not count (a short run would read several percent slow)."""
 
   def __init__(self):
-    self._t0, self._t_steady = time.time(), None
+    self._t0, self._t_steady, self._t_stop = time.time(), None, None
     self.compile_s, self.steady_steps = None, 0
 
   def tick(self, loss, steps: int):
@@ -190,10 +192,16 @@ class Timer:
     else:
       self.steady_steps += steps
 
+  def stop(self, loss):
+    """The last call's ``loss``: waits for it and ends the steady-state interval."""
+    jax.block_until_ready(loss)
+    self._t_stop = time.time()
+
   def steps_per_s(self) -> Optional[float]:
     if not self.steady_steps:
       return None
-    return self.steady_steps / (time.time() - self._t_steady)
+    end = self._t_stop if self._t_stop is not None else time.time()
+    return self.steady_steps / (end - self._t_steady)
 
 
 def summary(cfg, learner, records, timer: Timer, start_step: Optional[int]) -> dict:
