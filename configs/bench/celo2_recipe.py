@@ -14,6 +14,11 @@ Names that this install lacks (``celo2`` in the learned-optimizer registry, the
 synthetic 8x8 family, the ``reset_mode`` option) make their points ``skipped`` with the
 reason; nothing fails.
 
+Time and result on this 2-core CPU (2026-12-07, load 1.3-1.5, matmul peak 255 GFLOP/s;
+``docs/bench/celo2_recipe_2026-12-07_round6/``): ~2 minutes with
+``--config.reset_modes=""``; 0.61 s per outer iteration on 1 device and 0.27 s on 2,
+projected 17 h and 7.4 h for 100k iterations (the paper: ~4.5 A100-hours).
+
 Command::
 
   PYTHONPATH=$PWD python -m spmd_lopt.bench --config configs/bench/celo2_recipe.py
