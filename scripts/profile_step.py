@@ -54,7 +54,7 @@ OLD_MODULES = {  # module name -> path in the repository
 }
 
 
-def parse_args():
+def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workload", default="quadratic")
   ap.add_argument("--tasks", type=int, default=64)
@@ -86,6 +86,11 @@ def parse_args():
                        "stack_antithetic flipped (PES halves in one scan vs two)")
   ap.add_argument("--unrolled_threefry", action="store_true",
                   help="a version compiled with jax's unrolled (non-CPU) threefry lowering")
+  return ap
+
+
+def parse_args():
+  ap = build_parser()
   args = ap.parse_args()
   apply_recipe(args, ap)
   return args
@@ -280,12 +285,24 @@ RECIPE = {"bench_config": "configs/bench/celo2_recipe.py",
           "lopt": "celo2", "tasks": 8}
 
 
-def apply_recipe(args, parser) -> None:
-  """With ``--recipe``, ``RECIPE``'s values for the flags left at ``parser``'s defaults."""
-  if args.recipe:
-    for name, value in RECIPE.items():
-      if getattr(args, name) == parser.get_default(name):
-        setattr(args, name, value)
+_UNSET = object()
+
+
+def apply_recipe(args, parser, argv=None) -> None:
+  """With ``--recipe``, ``RECIPE``'s values for the flags not given on the command line
+  (``argv``, default ``sys.argv[1:]``); a flag given with its default value is kept (an
+  explicit ``--lopt mlp_lopt`` stays MLPLOpt)."""
+  if not args.recipe:
+    return
+  defaults = {name: parser.get_default(name) for name in RECIPE}
+  parser.set_defaults(**{name: _UNSET for name in RECIPE})
+  try:
+    given = parser.parse_args(argv)
+  finally:
+    parser.set_defaults(**defaults)
+  for name, value in RECIPE.items():
+    if getattr(given, name) is _UNSET:
+      setattr(args, name, value)
 
 
 def main():

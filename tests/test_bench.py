@@ -299,3 +299,23 @@ def test_profile_step_counts_a_conditional_by_its_largest_or_smallest_branch():
   (_, _, small), = [w for w in least if w[1] == 7]
   assert trips == 7 and big["conditional"] == 1 == small["conditional"]
   assert sum(big.values()) > sum(small.values()) > 0
+
+
+def test_profile_step_recipe_fills_only_the_flags_not_given():
+  """--recipe supplies the Celo2 recipe's settings for flags left out; one given on the
+  command line, even with its default value (--lopt mlp_lopt), is kept."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+  import profile_step  # pylint: disable=import-outside-toplevel
+
+  def parsed(*argv):
+    parser = profile_step.build_parser()
+    args = parser.parse_args(list(argv))
+    profile_step.apply_recipe(args, parser, list(argv))
+    return args
+
+  args = parsed("--recipe")
+  assert (args.lopt, args.tasks) == ("celo2", 8)
+  args = parsed("--recipe", "--lopt", "mlp_lopt", "--tasks", "4")
+  assert (args.lopt, args.tasks) == ("mlp_lopt", 4)
+  assert args.bench_config == profile_step.RECIPE["bench_config"]
+  assert parsed("--lopt", "mlp_lopt").bench_config == "configs/bench/tutorial.py"
