@@ -171,8 +171,9 @@ def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
   ``sum_c (x_c n_c) W0[c] = sum_c (n_c W0[c]) x_c``: the norms are folded into one
   ``(l, F, hidden)`` weight per leaf, so no normalised copy of the ``F`` (15 or 18) raw
   full-size columns is written. The row/column groups are ``O(S / S[d])`` arrays: they are
-  normalised and multiplied un-broadcast, and their ``hidden``-wide partial sums are
-  broadcast-added.
+  normalised and multiplied un-broadcast (one product for the row groups, one for the
+  column groups), and their ``hidden``-wide partial sums ``R`` and ``C`` enter as the table
+  ``R[i] + C[j]``, built by a ``K = 2`` product.
 
   Layout: entries on the minor axis. The columns are stacked as ``X: (l, F, e)`` and every
   layer is ``H' = W^T H`` with ``H: (l, hidden, e)``, i.e. a ``(hidden, F) @ (F, e)``
@@ -210,6 +211,7 @@ def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
     x = jnp.concatenate([groups[i] for i in idx], axis=-1)
     w = jnp.concatenate([net[f"w0__{i}"] for i in idx], axis=0)
     partial.append(_left_product(w, x * _inv_rms(x, ndim)))
+  row_shape = col_shape = None  # rank < 2: no row/column groups
   if ndim >= 2:
     row_shape, col_shape = lead + (hidden, shape[-2], 1), lead + (hidden, 1, shape[-1])
   if partial and all(p.shape in (row_shape, col_shape) for p in partial):
@@ -218,6 +220,7 @@ def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
     # table R[i] + C[j] through one K = 2 product, [R, 1] @ [1, C]^T, added to h in h's
     # own layout. Broadcast-adding them to h viewed as (l, hidden, S[-2], S[-1]) made
     # XLA's CPU loop fusion index every element through the reshape.
+    # (+ zeros: the full shape also when one side has no groups)
     rows = sum(p for p in partial if p.shape == row_shape) + jnp.zeros(row_shape, F32)
     cols = (sum(p for p in partial if p.shape == col_shape) + jnp.zeros(col_shape, F32) +
             net["b0"][:, None, None])
