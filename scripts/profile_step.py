@@ -24,7 +24,11 @@ prints for each version:
 the same learner from them (the old classes swapped onto freshly built objects), so both
 versions run in one process on the same machine load. The learner itself (and so its
 compiler options, ``spmd_lopt.xla_options``) is the current one for both.
-``--options k=v,...`` adds a version compiled with extra XLA compiler options;
+``--options k=v,...`` adds a version compiled with extra XLA compiler options (several
+versions separated by ``;``);
+``--also_lopts a,b`` adds the same workload with other learned optimizers (each with the
+compile options the learner picks for it): a rule with no per-parameter work
+(``learnable_sgd``) gives the step's floor, the estimator and the task alone;
 ``--unrolled_threefry`` one compiled with jax's non-CPU (unrolled) threefry lowering;
 ``--baseline_all_options`` compiles it with them whatever the tasks' tensor sizes (the
 learner's behaviour before ``step_options``' size gate);
@@ -75,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--hlo_out", default=None, help="write each version's HLO here")
   ap.add_argument("--options", default=None,
                   help="a third version: ours compiled with these XLA compiler options, "
-                       "'name=value,...' (e.g. xla_cpu_small_while_loop_byte_threshold=1e6)")
+                       "'name=value,...' (e.g. xla_cpu_small_while_loop_byte_threshold=1e6); "
+                       "';' separates several versions")
+  ap.add_argument("--also_lopts", default=None,
+                  help="more versions: the same workload with these learned optimizers "
+                       "('a,b', registry names), e.g. learnable_sgd for the step's floor")
   ap.add_argument("--baseline_all_options", action="store_true",
                   help="compile the old version with spmd_lopt.xla_options' options whatever "
                        "the tasks' sizes (before the size gate of step_options)")
@@ -134,14 +142,15 @@ def load_old_modules(rev: str):
   return mods
 
 
-def build(args, mesh, old=None, flip_stack=False):
-  """``(learner, state)`` for the workload; with ``old`` modules, the old classes."""
+def build(args, mesh, old=None, flip_stack=False, lopt=None):
+  """``(learner, state)`` for the workload; with ``old`` modules, the old classes; with
+  ``lopt``, that learned optimizer instead of ``args.lopt``."""
   import jax  # pylint: disable=import-outside-toplevel
   from spmd_lopt import sharding  # pylint: disable=import-outside-toplevel
   from spmd_lopt.bench import config, workloads  # pylint: disable=import-outside-toplevel
   bcfg = config.load_config(args.bench_config)
   bcfg.trunc_length = args.trunc_length
-  bcfg.lopt = args.lopt
+  bcfg.lopt = lopt or args.lopt
   if flip_stack:
     bcfg.stack_antithetic = not bcfg.stack_antithetic
   lrn, _ = workloads.build_learner(bcfg, args.workload.split(","), "pes", args.tasks, mesh)
@@ -248,6 +257,15 @@ def parse_options(text):
   return out
 
 
+def option_versions(text):
+  """``--options``' versions: ``{tag: options}``, one per ``;``-separated item; the tag is
+  ``opts`` for a single item (as before) and ``opts:<item>`` for several."""
+  items = [item for item in (text or "").split(";") if item.strip()]
+  if len(items) == 1:
+    return {"opts": parse_options(items[0])}
+  return {f"opts:{item}": parse_options(item) for item in items}
+
+
 def describe(tag, lrn, state, args, options=None):
   """Prints the XLA figures of ``lrn``'s compiled update; returns the executable."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -316,15 +334,18 @@ def main():
   if args.baseline_rev:
     versions["old"] = build(args, mesh, load_old_modules(args.baseline_rev))
   versions["new"] = build(args, mesh)
-  if args.options:
-    versions["opts"] = build(args, mesh)
+  options = option_versions(args.options)
+  for tag in options:
+    versions[tag] = build(args, mesh)
+  for name in filter(None, (args.also_lopts or "").split(",")):
+    versions[f"lopt:{name}"] = build(args, mesh, lopt=name)
   if args.unrolled_threefry:
     versions["unrolled"] = build(args, mesh)
   if args.stack_variant:
     versions["stack_flipped"] = build(args, mesh, flip_stack=True)
   calls = {}
   for tag, (lrn, state) in versions.items():
-    opts = parse_options(args.options) if tag == "opts" else None
+    opts = options.get(tag)
     if tag == "unrolled":
       with unrolled_threefry():
         compiled = describe(tag, lrn, state, args, opts)

@@ -319,3 +319,21 @@ def test_profile_step_recipe_fills_only_the_flags_not_given():
   assert (args.lopt, args.tasks) == ("mlp_lopt", 4)
   assert args.bench_config == profile_step.RECIPE["bench_config"]
   assert parsed("--lopt", "mlp_lopt").bench_config == "configs/bench/tutorial.py"
+
+
+def test_profile_step_option_versions():
+  """--options: one item keeps the tag ``opts``; ';' makes one version per item, each with
+  its own parsed options (booleans, numbers and enum names as XLA takes them)."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+  import profile_step  # pylint: disable=import-outside-toplevel
+
+  assert profile_step.option_versions(None) == {}
+  assert profile_step.option_versions("xla_cpu_enable_fast_math=true") == {
+      "opts": {"xla_cpu_enable_fast_math": True}}
+  several = profile_step.option_versions(
+      "xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME;xla_cpu_small_while_loop_byte_threshold=1e6")
+  assert several == {
+      "opts:xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME":
+          {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_RUNTIME"},
+      "opts:xla_cpu_small_while_loop_byte_threshold=1e6":
+          {"xla_cpu_small_while_loop_byte_threshold": 1000000}}
