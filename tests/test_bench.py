@@ -337,3 +337,22 @@ def test_profile_step_option_versions():
           {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_RUNTIME"},
       "opts:xla_cpu_small_while_loop_byte_threshold=1e6":
           {"xla_cpu_small_while_loop_byte_threshold": 1000000}}
+
+
+def test_profile_step_builds_the_workload_with_another_learned_optimizer():
+  """--also_lopts: ``build(..., lopt=name)`` gives the same workload (tasks, estimators)
+  with that learned optimizer, and leaves ``args.lopt`` alone."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+  import profile_step  # pylint: disable=import-outside-toplevel
+
+  parser = profile_step.build_parser()
+  args = parser.parse_args(["--workload", "quadratic", "--tasks", "8",
+                            "--also_lopts", "learnable_sgd"])
+  mesh = sharding.make_mesh(num_devices=1)
+  lrn, _ = profile_step.build(args, mesh)
+  other, _ = profile_step.build(args, mesh, lopt="learnable_sgd")
+  kind = lambda l: type(l.gradient_estimators[0].truncated_step.learned_opt).__name__
+  assert (kind(lrn), kind(other)) == ("MLPLOpt", "LearnableSGD")
+  assert args.lopt == "mlp_lopt"
+  assert ([e.truncated_step.num_tasks for e in lrn.gradient_estimators] ==
+          [e.truncated_step.num_tasks for e in other.gradient_estimators] == [8])
