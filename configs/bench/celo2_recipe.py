@@ -11,9 +11,9 @@ checkpoints excluded). The outer optimizer is the library's Adam (the paper uses
 with weight decay; on 347 meta-parameters its cost is negligible).
 
 PES's halves stay unstacked here, as in every earlier snapshot: on 2 devices that is
-1.02-1.05x faster than stacking them, but on 1 device stacked (the CLI configs' default)
-is now 1.24x faster (``docs/PERFORMANCE.md``, round seven), so this file's 1-device point
-is slower than ``configs/celo2_digits.py`` on one device.
+1.02-1.05x faster than stacking them, but on 1 device (process free to use both cores)
+stacked, the CLI configs' default, is now 1.24x faster (``docs/PERFORMANCE.md``, round
+seven), so this file's 1-device point is slower than ``configs/celo2_digits.py`` there.
 
 Names that this install lacks (``celo2`` in the learned-optimizer registry, the
 synthetic 8x8 family, the ``reset_mode`` option) make their points ``skipped`` with the
