@@ -356,3 +356,24 @@ def test_profile_step_builds_the_workload_with_another_learned_optimizer():
   assert args.lopt == "mlp_lopt"
   assert ([e.truncated_step.num_tasks for e in lrn.gradient_estimators] ==
           [e.truncated_step.num_tasks for e in other.gradient_estimators] == [8])
+
+
+def test_celo2_kernel_floor_pieces():
+  """scripts/celo2_kernel_floor.py: ``timed_scan`` traces the body once inside a scan and
+  returns a time; its MLP keeps Celo2's layout (``[lanes, 3, entries]``) and computes the
+  3-layer ReLU chain."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+  import celo2_kernel_floor as floor  # pylint: disable=import-outside-toplevel
+
+  traced = []
+  def body(c):
+    traced.append(c.shape)
+    return 2.0 * c
+  assert floor.timed_scan(body, jnp.ones(3), steps=3, reps=1) > 0
+  assert traced == [(3,)]
+  n, e = 2, 16
+  w = (jnp.ones((n, 8, 18)), jnp.zeros((n, 8, 1)), jnp.ones((n, 8, 8)), jnp.zeros((n, 8, 1)),
+       jnp.ones((n, 3, 8)), jnp.zeros((n, 3, 1)))
+  out = floor.mlp(w, jnp.ones((n, 18, e)))
+  assert out.shape == (n, 3, e)
+  np.testing.assert_allclose(out, 18.0 * 8 * 8)  # all-ones weights, positive activations
