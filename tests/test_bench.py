@@ -2,6 +2,7 @@
 program-size accounting, skipped workloads, and tiny end-to-end runs (in-process and via
 a worker subprocess)."""
 
+import importlib
 import json
 import os
 import sys
@@ -14,6 +15,14 @@ import pytest
 from spmd_lopt import bench
 from spmd_lopt import sharding
 from spmd_lopt.bench import cost_model, measure, report, stats, workloads
+
+
+def _script(name: str):
+  """The module ``scripts/<name>.py`` (the scripts directory is not a package)."""
+  scripts = os.path.join(os.path.dirname(__file__), "..", "scripts")
+  if scripts not in sys.path:
+    sys.path.insert(0, scripts)
+  return importlib.import_module(name)
 
 
 def test_weak_and_strong_scaling_math():
@@ -264,8 +273,7 @@ def test_help_prints_usage_and_unknown_arguments_are_one_line(capsys):
 def test_trace_step_reads_thunk_times_from_a_profiler_trace(tmp_path):
   """scripts/trace_step.py's parser finds the executed HLO instructions of a traced program
   with positive times and run counts (guards against the profiler's format changing)."""
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-  import trace_step  # pylint: disable=import-outside-toplevel
+  trace_step = _script("trace_step")
   f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
   x = jnp.ones((256, 256))
   f(x).block_until_ready()
@@ -283,8 +291,7 @@ def test_profile_step_counts_a_conditional_by_its_largest_or_smallest_branch():
   """scripts/profile_step.py's executed-ops count of a scan whose body holds a cond with a
   costly and a cheap branch: the largest-branch count exceeds the smallest-branch one, and
   both see the scan's trip count."""
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-  import profile_step  # pylint: disable=import-outside-toplevel
+  profile_step = _script("profile_step")
 
   def body(c, x):
     costly = lambda v: jnp.tanh(jnp.sin(v) @ jnp.cos(v).T) @ jnp.exp(v)
@@ -304,8 +311,7 @@ def test_profile_step_counts_a_conditional_by_its_largest_or_smallest_branch():
 def test_profile_step_recipe_fills_only_the_flags_not_given():
   """--recipe supplies the Celo2 recipe's settings for flags left out; one given on the
   command line, even with its default value (--lopt mlp_lopt), is kept."""
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-  import profile_step  # pylint: disable=import-outside-toplevel
+  profile_step = _script("profile_step")
 
   def parsed(*argv):
     parser = profile_step.build_parser()
@@ -324,8 +330,7 @@ def test_profile_step_recipe_fills_only_the_flags_not_given():
 def test_profile_step_option_versions():
   """--options: one item keeps the tag ``opts``; ';' makes one version per item, each with
   its own parsed options (booleans, numbers and enum names as XLA takes them)."""
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-  import profile_step  # pylint: disable=import-outside-toplevel
+  profile_step = _script("profile_step")
 
   assert profile_step.option_versions(None) == {}
   assert profile_step.option_versions("xla_cpu_enable_fast_math=true") == {
@@ -342,8 +347,7 @@ def test_profile_step_option_versions():
 def test_profile_step_builds_the_workload_with_another_learned_optimizer():
   """--also_lopts: ``build(..., lopt=name)`` gives the same workload (tasks, estimators)
   with that learned optimizer, and leaves ``args.lopt`` alone."""
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-  import profile_step  # pylint: disable=import-outside-toplevel
+  profile_step = _script("profile_step")
 
   parser = profile_step.build_parser()
   args = parser.parse_args(["--workload", "quadratic", "--tasks", "8",
@@ -362,8 +366,7 @@ def test_celo2_kernel_floor_pieces():
   """scripts/celo2_kernel_floor.py: ``timed_scan`` traces the body once inside a scan and
   returns a time; its MLP keeps Celo2's layout (``[lanes, 3, entries]``) and computes the
   3-layer ReLU chain."""
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-  import celo2_kernel_floor as floor  # pylint: disable=import-outside-toplevel
+  floor = _script("celo2_kernel_floor")
 
   traced = []
   def body(c):
