@@ -1,6 +1,7 @@
 """What a compiled meta step costs, from XLA's own analyses (no timing).
 
-- FLOPs and bytes: ``compiled.cost_analysis()``. XLA counts a ``while`` body once, and the
+- FLOPs and bytes: ``compiled.cost_analysis()``, plus the FLOPs of spmd_lopt's FFI
+  kernels counted from the HLO (XLA counts a custom call as none). XLA counts a ``while`` body once, and the
   truncation is a ``lax.scan`` of ``trunc_length`` inner steps, so the step's figure is
   corrected by ``+ (trunc_length - 1) x`` the cost of one inner step, compiled separately
   from the truncated step's public ``unroll_step`` on the same per-device shapes.
@@ -22,12 +23,16 @@ import numpy as np
 
 
 def xla_cost(compiled) -> dict[str, float]:
-  """``{"flops", "bytes"}`` of one call as XLA counts them (loop bodies once)."""
+  """``{"flops", "bytes"}`` of one call as XLA counts them (loop bodies once), plus the
+  FLOPs of spmd_lopt's own kernels, which XLA counts as zero (``spmd_lopt.kernels``;
+  their bytes are not added)."""
+  from spmd_lopt.kernels import per_entry_mlp  # pylint: disable=import-outside-toplevel
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else {}
   ca = ca or {}
-  return {"flops": float(ca.get("flops", 0.0)),
+  kernel_flops = per_entry_mlp.hlo_flops(compiled.as_text())
+  return {"flops": float(ca.get("flops", 0.0)) + kernel_flops,
           "bytes": float(ca.get("bytes accessed", 0.0))}
 
 

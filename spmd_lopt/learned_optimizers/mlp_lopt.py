@@ -14,8 +14,14 @@ An MLP ``19 -> hidden_size x hidden_layers (ReLU) -> 2`` maps them to a directio
 a magnitude ``s``; the update is ``p <- p - d * exp(s * exp_mult) * step_mult``. With the
 defaults (hidden 32, 2 layers) theta has 1,762 parameters, as in the reference.
 
-Shapes: a tensor of shape ``S`` becomes a ``[prod(S), 19]`` feature matrix (scalars are
+Shapes: a tensor of shape ``S`` has ``prod(S)`` entries of 19 features each (scalars are
 treated as shape ``[1]``), so the cost per step is ``O(num_params * |theta|)``.
+
+Computation: the 11 step features and the normalisation are folded into the first layer
+(``[x / r, s] W0 + b0 = x (W0[:8] / r) + (s W0[8:] + b0)``, ``r`` the 8 second-moment
+norms), so the MLP runs on the raw ``[g, p, m]`` columns of each entry. On CPU it is one
+fused kernel (``spmd_lopt.kernels.per_entry_mlp``); ``implementation="reference"`` (or
+``SPMD_LOPT_KERNELS=0``) runs it as XLA products. Both are float32 and agree to rounding.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spmd_lopt.kernels import per_entry_mlp
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import common
 from spmd_lopt.optimizers import base as opt_base
@@ -63,12 +70,13 @@ class _PerParamMLP(nn.Module):
 class SplitTheta:
   """theta with the first layer's kernel ``[19, hidden]`` split into its rows for the 8
   tensor features (``tensor_kernel``, ``[8, hidden]``) and for the 11 step features
-  (``step_kernel``, ``[11, hidden]``); ``bias0`` ``[hidden]``; ``layers``: the later layers'
-  ``{"kernel", "bias"}`` dicts, in order. ``MLPLOpt.prepare_theta`` builds it."""
+  (``step_kernel``, ``[11, hidden]``); ``bias0`` ``[hidden]``; ``tail``: the later layers'
+  kernels and biases packed in order (``per_entry_mlp.pack_tail``; empty without hidden
+  layers). ``MLPLOpt.prepare_theta`` builds it."""
   tensor_kernel: jax.Array
   step_kernel: jax.Array
   bias0: jax.Array
-  layers: tuple
+  tail: jax.Array
 
 
 @flax.struct.dataclass
@@ -85,10 +93,16 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
   """Per-parameter MLP learned optimizer (see module docstring for the math)."""
 
   def __init__(self, exp_mult: float = 0.001, step_mult: float = 0.001,
-               hidden_size: int = 32, hidden_layers: int = 2):
+               hidden_size: int = 32, hidden_layers: int = 2, implementation: str = "auto"):
+    """``implementation``: how the per-entry MLP runs (``per_entry_mlp.apply``): ``"auto"``
+    (the fused CPU kernel where it can run), ``"kernel"`` or ``"reference"``."""
     if hidden_size <= 0 or hidden_layers < 0:
       raise ValueError("MLPLOpt: hidden_size must be positive and hidden_layers >= 0, got "
                        f"{hidden_size}, {hidden_layers}.")
+    if implementation not in per_entry_mlp.IMPLEMENTATIONS:
+      raise ValueError(f"MLPLOpt: implementation must be one of "
+                       f"{per_entry_mlp.IMPLEMENTATIONS}, got {implementation!r}.")
+    self.implementation = implementation
     self.exp_mult = exp_mult
     self.step_mult = step_mult
     self.hidden_size = hidden_size
@@ -112,12 +126,15 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
     layers = [theta["params"][f"Dense_{i}"] for i in range(len(theta["params"]))]
     n_tensor = NUM_FEATURES - len(TANH_TIMESCALES)
     kernel = layers[0]["kernel"]
+    tail = (per_entry_mlp.pack_tail(layers[1:]) if len(layers) > 1
+            else jnp.zeros(kernel.shape[:-2] + (0,), kernel.dtype))
     return SplitTheta(tensor_kernel=kernel[:n_tensor], step_kernel=kernel[n_tensor:],
-                      bias0=layers[0]["bias"], layers=tuple(layers[1:]))
+                      bias0=layers[0]["bias"], tail=tail)
 
   def opt_fn(self, theta, is_training=False):
     del is_training
     exp_mult, step_mult = self.exp_mult, self.step_mult
+    hidden_layers, implementation = self.hidden_layers, self.implementation
     split = self.prepare_theta(theta)
 
     class _Opt(opt_base.Optimizer):
@@ -145,13 +162,17 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
 
         def update_tensor(p, g, m):
           n = max(p.size, 1)
-          tensor_feats = jnp.concatenate(
-              [g.reshape(n, 1), p.reshape(n, 1), m.reshape(n, m.shape[-1])], axis=-1)
-          tensor_feats = second_moment_normalizer(tensor_feats.astype(jnp.float32), [0])
-          h = tensor_feats @ split.tensor_kernel + step_bias
-          for layer in split.layers:
-            h = jax.nn.relu(h) @ layer["kernel"] + layer["bias"]
-          direction, magnitude = h[:, 0], h[:, 1]
+          columns = [x.reshape(n, -1).astype(jnp.float32)
+                     for x in (g, p, m.reshape(n, m.shape[-1]))]
+          # x * rsqrt(1e-5 + mean(x^2)) @ W0 = x @ (rsqrt(...) W0): the normalisation moves
+          # into the [8, hidden] kernel instead of a normalised copy of the columns.
+          second_moments = jnp.concatenate(
+              [jnp.mean(jnp.square(c), axis=0) for c in columns])
+          kernel0 = jax.lax.rsqrt(1e-5 + second_moments)[:, None] * split.tensor_kernel
+          out = per_entry_mlp.apply(columns, kernel0, step_bias, split.tail,
+                                    hidden_layers=hidden_layers, num_out=2,
+                                    implementation=implementation)
+          direction, magnitude = out[:, 0], out[:, 1]
           step = direction * jnp.exp(magnitude * exp_mult) * step_mult
           return p - step.reshape(p.shape).astype(p.dtype)
 

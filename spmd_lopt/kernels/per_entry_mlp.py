@@ -1,0 +1,199 @@
+"""A small MLP applied to every entry of a tensor: the learned optimizers' hot loop.
+
+For ``n`` entries with features ``X = [x_1 | ... | x_A]`` (arrays ``x_a`` of shape
+``[n, f_a]``, ``F = sum_a f_a`` columns, never concatenated by the kernel), a first layer
+``W0 [F, H]``, ``b0 [H]`` and ``L - 1`` hidden layers and an output layer packed in
+``tail`` (``pack_tail``)::
+
+  h_1 = relu(X W0 + b0),  h_{k+1} = relu(h_k W_k + b_k),  out = h_L W_L + b_L   [n, O]
+
+``apply`` runs it as one fused CPU kernel (``per_entry_mlp.cc``, through ``jax.ffi``)
+when it can: default backend CPU, float32, ``H`` in 16/32/48/64, ``F <= 64``,
+``O <= 8``, ``L >= 1``, and the kernel built (``cpu_build``). Otherwise, and for every
+gradient (a ``custom_vjp`` whose backward pass differentiates the reference), it runs
+``reference``: the same math as XLA products. Both sum in float32; they agree to float
+rounding (the order of the sums differs), and so does a run on 1 or 8 devices: lanes are
+independent.
+
+Under ``vmap`` (lanes: tasks, perturbations) every argument gains the same leading axes
+and the kernel loops over them (``vmap_method="broadcast_all"``); on a device that owns
+several threads (one device using the whole CPU) lanes are spread over XLA's intra-op pool.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spmd_lopt.kernels import cpu_build
+
+SOURCE = os.path.join(os.path.dirname(__file__), "per_entry_mlp.cc")
+TARGET = "spmd_lopt_per_entry_mlp"
+IMPLEMENTATIONS = ("auto", "kernel", "reference")
+_registered = False
+
+
+def pack_tail(layers: Sequence[dict]) -> jax.Array:
+  """The layers after the first, ``[{"kernel": [H, H'], "bias": [H']}, ...]`` (the last
+  one's ``H'`` is ``O``), flattened row-major into one vector: what the kernel reads."""
+  return jnp.concatenate([jnp.concatenate([jnp.ravel(l["kernel"]), jnp.ravel(l["bias"])])
+                          for l in layers])
+
+
+def _unpack_tail(tail: jax.Array, hidden: int, hidden_layers: int, num_out: int):
+  layers, at = [], 0
+  if hidden_layers == 0:
+    return layers
+  for out in [hidden] * (hidden_layers - 1) + [num_out]:
+    k = tail[..., at:at + hidden * out].reshape(tail.shape[:-1] + (hidden, out))
+    at += hidden * out
+    layers.append((k, tail[..., at:at + out]))
+    at += out
+  return layers
+
+
+def tail_size(hidden: int, hidden_layers: int, num_out: int) -> int:
+  """Numbers in ``pack_tail``'s vector (0 with no hidden layers: the first layer is the
+  output layer, ``kernel0`` is ``[F, O]``)."""
+  if hidden_layers == 0:
+    return 0
+  return (hidden_layers - 1) * (hidden * hidden + hidden) + hidden * num_out + num_out
+
+
+def reference(features: Sequence[jax.Array], kernel0: jax.Array, bias0: jax.Array,
+              tail: jax.Array, hidden_layers: int, num_out: int) -> jax.Array:
+  """The MLP as XLA products; ``[n, O]``."""
+  x = jnp.concatenate(list(features), axis=-1) if len(features) > 1 else features[0]
+  h = x @ kernel0 + bias0
+  for k, b in _unpack_tail(tail, kernel0.shape[-1], hidden_layers, num_out):
+    h = jax.nn.relu(h) @ k + b
+  return h
+
+
+def unsupported(features: Sequence[jax.Array], kernel0: jax.Array, hidden_layers: int,
+                num_out: int) -> str:
+  """Why the kernel cannot run these shapes or this backend ("" if it can)."""
+  f, h = kernel0.shape
+  arrays = list(features) + [kernel0]
+  if jax.default_backend() != "cpu":
+    return f"the default backend is {jax.default_backend()}, not cpu"
+  if any(jnp.result_type(a) != jnp.float32 for a in arrays):
+    return "not float32"
+  if h % 16 or not 16 <= h <= 64:
+    return f"hidden size {h} is not 16, 32, 48 or 64"
+  if not 1 <= f <= 64 or not 1 <= len(features) <= 16:
+    return f"{f} features in {len(features)} arrays (at most 64 in 1 to 16)"
+  if not 1 <= num_out <= 8 or hidden_layers < 1:
+    return f"{num_out} outputs, {hidden_layers} hidden layers (1 to 8, at least 1)"
+  if any(x.ndim != 2 or x.shape[0] != features[0].shape[0] for x in features):
+    return "features must be [n, f_a] arrays with one n"
+  if features[0].shape[0] == 0:
+    return "no entries"
+  if cpu_build.load(SOURCE) is None:
+    return cpu_build.reason(SOURCE)
+  return ""
+
+
+def _register() -> None:
+  global _registered
+  if not _registered:
+    lib = cpu_build.load(SOURCE)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SpmdLoptPerEntryMlp),
+                                platform="cpu")
+    _registered = True
+
+
+def _varying_axes(x) -> set:
+  """The shard_map mesh axes ``x`` varies over (empty outside shard_map)."""
+  t = jax.typeof(x)
+  mat = getattr(t, "manual_axis_type", None)  # jax >= 0.9; older versions call it vma
+  return set(mat.varying if mat is not None else getattr(t, "vma", ()))
+
+
+def _kernel_call(features, kernel0, bias0, tail, hidden_layers, num_out):
+  _register()
+  n, h = features[0].shape[0], kernel0.shape[-1]
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, num_out), jnp.float32),
+                          vmap_method="broadcast_all")
+  out = call(kernel0, bias0, tail, *features, num_features=np.int64(kernel0.shape[0]),
+             hidden=np.int64(h), hidden_layers=np.int64(hidden_layers),
+             num_out=np.int64(num_out))
+  # Inside shard_map the result varies over the mesh axes its inputs vary over; ffi_call's
+  # result type does not say so by itself, and scan carries and branches check it.
+  varying = set().union(*(_varying_axes(a) for a in (kernel0, bias0, tail, *features)))
+  missing = tuple(sorted(varying - _varying_axes(out)))
+  return jax.lax.pcast(out, missing, to="varying") if missing else out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(features, kernel0, bias0, tail, hidden_layers, num_out):
+  # Lowered for CPU: the kernel; for any other platform the same program is the reference.
+  return jax.lax.platform_dependent(
+      features, kernel0, bias0, tail,
+      cpu=lambda *a: _kernel_call(*a, hidden_layers, num_out),
+      default=lambda *a: reference(*a, hidden_layers, num_out))
+
+
+def _fused_fwd(features, kernel0, bias0, tail, hidden_layers, num_out):
+  return _fused(features, kernel0, bias0, tail, hidden_layers, num_out), (
+      features, kernel0, bias0, tail)
+
+
+def _fused_bwd(hidden_layers, num_out, residuals, cotangent):
+  _, vjp = jax.vjp(lambda *a: reference(*a, hidden_layers, num_out), *residuals)
+  return vjp(cotangent)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def apply(features: Sequence[jax.Array], kernel0: jax.Array, bias0: jax.Array,
+          tail: jax.Array, *, hidden_layers: int, num_out: int,
+          implementation: str = "auto") -> jax.Array:
+  """The MLP of the module docstring on ``features`` (``[n, f_a]`` each); ``[n, O]``.
+
+  ``implementation``: ``"auto"`` (the kernel where it can run, else the reference),
+  ``"kernel"`` (the kernel, or a ValueError saying why not) or ``"reference"``.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"per_entry_mlp: implementation must be one of {IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  features = tuple(features)
+  expected = tail_size(kernel0.shape[-1], hidden_layers, num_out)
+  if tail.shape[-1] != expected:
+    raise ValueError(f"per_entry_mlp: tail has {tail.shape[-1]} numbers, expected "
+                     f"{expected} for hidden {kernel0.shape[-1]}, {hidden_layers} hidden "
+                     f"layers and {num_out} outputs")
+  if implementation == "reference":
+    return reference(features, kernel0, bias0, tail, hidden_layers, num_out)
+  why = unsupported(features, kernel0, hidden_layers, num_out)
+  if why:
+    if implementation == "kernel":
+      raise ValueError(f"per_entry_mlp: the kernel cannot run here: {why}")
+    return reference(features, kernel0, bias0, tail, hidden_layers, num_out)
+  return _fused(features, kernel0, bias0, tail, hidden_layers, num_out)
+
+
+_HLO_CALL = re.compile(r"=\s*f32\[([0-9,]*)\][^=]*custom-call\(.*custom_call_target=\""
+                       + TARGET + r"\".*backend_config=\{([^}]*)\}")
+
+
+def hlo_flops(hlo_text: str) -> float:
+  """FLOPs of this kernel's calls in a compiled module's HLO text, each call counted once
+  (as XLA's cost analysis counts a loop body), ``2 x lanes x n x (F H + (L - 1) H^2 +
+  H O)``: XLA's cost analysis counts nothing for a custom call."""
+  total = 0.0
+  for m in _HLO_CALL.finditer(hlo_text):
+    dims = [int(d) for d in m.group(1).split(",") if d]
+    attrs = dict(re.findall(r"(\w+) = (\d+) : i64", m.group(2)))
+    f, h = int(attrs["num_features"]), int(attrs["hidden"])
+    layers, o = int(attrs["hidden_layers"]), int(attrs["num_out"])
+    rows = float(np.prod(dims[:-1], dtype=np.float64))
+    total += 2.0 * rows * (f * h + (layers - 1) * h * h + h * o)
+  return total
