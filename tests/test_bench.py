@@ -380,3 +380,15 @@ def test_celo2_kernel_floor_pieces():
   out = floor.mlp(w, jnp.ones((n, 18, e)))
   assert out.shape == (n, 3, e)
   np.testing.assert_allclose(out, 18.0 * 8 * 8)  # all-ones weights, positive activations
+
+
+def test_per_entry_mlp_rate_builds_both_implementations():
+  """scripts/per_entry_mlp_rate.py: its inputs have MLPLOpt's feature layout and both
+  implementations it times compute the same outputs."""
+  rate = _script("per_entry_mlp_rate")
+  feats, k0, b0, tail = rate.inputs(lanes=3, entries=20, hidden=32, layers=2)
+  assert [f.shape for f in feats] == [(3, 20, 1), (3, 20, 1), (3, 20, 6)]
+  outs = [rate.build(impl, 2)(feats, k0, b0, tail) for impl in ("auto", "reference")]
+  assert outs[0].shape == (3, 20, 2)
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+  assert rate.timed(rate.build("reference", 2), (feats, k0, b0, tail), reps=1) > 0

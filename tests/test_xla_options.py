@@ -6,6 +6,7 @@ import numpy as np
 
 from spmd_lopt import sharding
 from spmd_lopt import xla_options
+from spmd_lopt.kernels import per_entry_mlp
 from spmd_lopt.learned_optimizers import adafac_mlp_lopt
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import celo2
@@ -55,7 +56,7 @@ def test_small_products_get_the_default_compile():
 
 
 def test_learner_gates_the_options_on_its_tasks_largest_tensor():
-  lopt = mlp_lopt.MLPLOpt()
+  lopt = mlp_lopt.MLPLOpt(implementation="reference")  # a rule that wants the options
   mesh = sharding.make_mesh(num_devices=1)
 
   def make(*dims):
@@ -70,8 +71,9 @@ def test_learner_gates_the_options_on_its_tasks_largest_tensor():
 
 def test_rules_that_run_slower_with_library_graphs_get_the_default_compile():
   """Celo2 (and Celo2-base), AdafacMLPLOpt and NNAdam measured slower meta steps with the
-  options (docs/PERFORMANCE.md, "Round six"); MLPLOpt and the learnable baselines keep
-  them. Any rule of the step that says no turns them off."""
+  options (docs/PERFORMANCE.md, "Round six"), and so does MLPLOpt with its fused CPU
+  kernel ("Round eight"); MLPLOpt as XLA products and the learnable baselines keep them.
+  Any rule of the step that says no turns them off."""
   mesh = sharding.make_mesh(num_devices=1)
 
   def make(lopt, est_lopt=None):
@@ -79,13 +81,16 @@ def test_rules_that_run_slower_with_library_graphs_get_the_default_compile():
     return gradient_learner.SpmdGradientLearner(lopt, [est], opt_base.Adam(1e-3), mesh=mesh)
 
   assert xla_options.step_options(library_graphs=False) == {}
-  for lopt in (mlp_lopt.MLPLOpt(), lopt_base.LearnableSGD(), lopt_base.LearnableAdam()):
+  reference = lambda: mlp_lopt.MLPLOpt(implementation="reference")
+  for lopt in (reference(), mlp_lopt.MLPLOpt(hidden_size=8), lopt_base.LearnableSGD(),
+               lopt_base.LearnableAdam()):
     assert make(lopt).compiler_options == xla_options.CPU_OPTIONS, type(lopt).__name__
-  for lopt in (celo2.Celo2(), celo2.Celo2Base(), adafac_mlp_lopt.AdafacMLPLOpt(),
-               nn_adam.NNAdam()):
+  kernel = [mlp_lopt.MLPLOpt()] if not per_entry_mlp.unavailable(8, 32, 2, 2) else []
+  for lopt in [celo2.Celo2(), celo2.Celo2Base(), adafac_mlp_lopt.AdafacMLPLOpt(),
+               nn_adam.NNAdam()] + kernel:
     assert make(lopt).compiler_options == {}, type(lopt).__name__
-  assert make(mlp_lopt.MLPLOpt(), est_lopt=celo2.Celo2()).compiler_options == {}
-  assert gradient_learner.library_graphs_pay([None, mlp_lopt.MLPLOpt()])
+  assert make(reference(), est_lopt=celo2.Celo2()).compiler_options == {}
+  assert gradient_learner.library_graphs_pay([None, reference()])
 
 
 def test_celo2_steps_same_with_and_without_library_graphs():

@@ -76,28 +76,37 @@ def reference(features: Sequence[jax.Array], kernel0: jax.Array, bias0: jax.Arra
   return h
 
 
-def unsupported(features: Sequence[jax.Array], kernel0: jax.Array, hidden_layers: int,
-                num_out: int) -> str:
-  """Why the kernel cannot run these shapes or this backend ("" if it can)."""
-  f, h = kernel0.shape
-  arrays = list(features) + [kernel0]
+def unavailable(num_features: int, hidden: int, hidden_layers: int, num_out: int) -> str:
+  """Why the kernel cannot run an MLP of these sizes here ("" if it can): the backend,
+  the sizes it takes, and whether it builds."""
   if jax.default_backend() != "cpu":
     return f"the default backend is {jax.default_backend()}, not cpu"
-  if any(jnp.result_type(a) != jnp.float32 for a in arrays):
-    return "not float32"
-  if h % 16 or not 16 <= h <= 64:
-    return f"hidden size {h} is not 16, 32, 48 or 64"
-  if not 1 <= f <= 64 or not 1 <= len(features) <= 16:
-    return f"{f} features in {len(features)} arrays (at most 64 in 1 to 16)"
+  if hidden % 16 or not 16 <= hidden <= 64:
+    return f"hidden size {hidden} is not 16, 32, 48 or 64"
+  if not 1 <= num_features <= 64:
+    return f"{num_features} features (at most 64)"
   if not 1 <= num_out <= 8 or hidden_layers < 1:
     return f"{num_out} outputs, {hidden_layers} hidden layers (1 to 8, at least 1)"
+  if cpu_build.load(SOURCE) is None:
+    return cpu_build.reason(SOURCE)
+  return ""
+
+
+def unsupported(features: Sequence[jax.Array], kernel0: jax.Array, hidden_layers: int,
+                num_out: int) -> str:
+  """Why the kernel cannot run on these arrays ("" if it can)."""
+  if any(jnp.result_type(a) != jnp.float32 for a in list(features) + [kernel0]):
+    return "not float32"
+  if not 1 <= len(features) <= 16:
+    return f"{len(features)} feature arrays (1 to 16)"
   if any(x.ndim != 2 or x.shape[0] != features[0].shape[0] for x in features):
     return "features must be [n, f_a] arrays with one n"
   if features[0].shape[0] == 0:
     return "no entries"
-  if cpu_build.load(SOURCE) is None:
-    return cpu_build.reason(SOURCE)
-  return ""
+  f, h = kernel0.shape
+  if f != sum(x.shape[1] for x in features):
+    return f"kernel0 has {f} rows for {sum(x.shape[1] for x in features)} feature columns"
+  return unavailable(f, h, hidden_layers, num_out)
 
 
 def _register() -> None:

@@ -110,6 +110,14 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
     self.name = "MLPLOpt"
     self._mlp = _PerParamMLP(hidden_size, hidden_layers)
 
+  @property
+  def cpu_library_graphs(self) -> bool:
+    """XLA's CPU library graphs paid for the per-entry MLP as XLA products (1.2-1.5x);
+    with the fused kernel they slow the rest of the step (0.90x on 16 image tasks on 1
+    device, 0.96x on 64 on 2; docs/PERFORMANCE.md, "Round eight")."""
+    return self.implementation == "reference" or bool(per_entry_mlp.unavailable(
+        NUM_FEATURES - len(TANH_TIMESCALES), self.hidden_size, self.hidden_layers, 2))
+
   def init(self, key):
     return self._mlp.init(key, jnp.zeros([1, NUM_FEATURES], jnp.float32))
 
