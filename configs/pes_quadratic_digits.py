@@ -8,7 +8,8 @@ ReLU MLP, batch 128, on the 1,797 8x8 digits shipped in the package), outer Adam
 300 outer steps. It builds the same learner as the short-form default config
 (``spmd_lopt/default_config.py``); ``--print_config`` shows every key of both.
 
-Time on this 2-core CPU: about 20 s on a quiet machine (about 9 s of it compiling).
+Time on this 2-core CPU: about 20 s (about 9 s of it compiling; 33 outer steps/s with
+MLPLOpt's fused CPU kernel, 2026-12-07).
 Expected result (seed 0): quadratic meta-loss 19.0 -> 15.7, digits MLP 2.11 -> 0.98
 (means of the first and last 3 of 30 logs); see README "Results".
 
