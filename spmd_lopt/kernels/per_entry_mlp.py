@@ -16,15 +16,16 @@ rounding (the order of the sums differs), and so does a run on 1 or 8 devices: l
 independent.
 
 Under ``vmap`` (lanes: tasks, perturbations) every argument gains the same leading axes
-and the kernel loops over them (``vmap_method="broadcast_all"``); on a device that owns
-several threads (one device using the whole CPU) lanes are spread over XLA's intra-op pool.
+and the kernel loops over them (``vmap_method="broadcast_all"``); a call of >= 2^26 FLOPs
+on a device that owns several threads (one device using the whole CPU) spreads its lanes
+over XLA's intra-op pool.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 import os
+import re
 from typing import Sequence
 
 import jax
