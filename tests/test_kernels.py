@@ -198,6 +198,17 @@ def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
   assert cpu_build.library_path(src, "c++") != path
 
 
+def test_an_unusable_cache_dir_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv(cpu_build.ENV_CACHE, str(blocker / "cache"))  # cannot be created
+  monkeypatch.setattr(cpu_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  src = _fresh_source(tmp_path)
+  assert cpu_build.load(src) is not None, cpu_build.reason(src)
+  built = os.listdir(tmp_path / "tmp" / f"spmd_lopt_kernels_{os.getuid()}")
+  assert len(built) == 1 and built[0].endswith(".so")
+
+
 def test_no_compiler_a_failed_build_or_disabled_say_why(tmp_path, monkeypatch):
   monkeypatch.setenv(cpu_build.ENV_CACHE, str(tmp_path / "cache"))
   monkeypatch.setenv("CXX", "no-such-compiler-here")

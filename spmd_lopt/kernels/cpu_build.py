@@ -2,7 +2,8 @@
 
 The library is compiled with ``$CXX`` (default ``c++``) against the FFI headers of the
 installed jaxlib, ``-O3 -march=native``, into a cache directory
-(``$SPMD_LOPT_KERNEL_CACHE``, default ``~/.cache/spmd_lopt/kernels``) under a name that
+(``$SPMD_LOPT_KERNEL_CACHE``, default ``~/.cache/spmd_lopt/kernels``; a per-user folder
+under the system's temporary directory when that one cannot be created) under a name that
 hashes the source, the flags, the compiler, jaxlib's version and the CPU's model and
 feature flags: a home directory shared by machines of different CPUs (a pod's hosts, a
 cluster) never loads a library built for another instruction set. The compiler writes to
@@ -42,8 +43,23 @@ def enabled() -> bool:
 
 
 def cache_dir() -> str:
+  """The configured cache directory (it may not exist yet, or not be creatable)."""
   return os.environ.get(ENV_CACHE) or os.path.join(
       os.path.expanduser("~"), ".cache", "spmd_lopt", "kernels")
+
+
+def _usable_cache_dir() -> str:
+  """``cache_dir()`` if it exists or can be created and written, else a per-user folder
+  under the temporary directory (a read-only home, a container without one)."""
+  for d in (cache_dir(), os.path.join(tempfile.gettempdir(),
+                                      f"spmd_lopt_kernels_{os.getuid()}")):
+    try:
+      os.makedirs(d, exist_ok=True)
+    except OSError:
+      continue
+    if os.access(d, os.W_OK):
+      return d
+  raise OSError(f"no writable kernel cache: {cache_dir()} nor the temporary directory")
 
 
 def _cpu_fingerprint() -> str:
@@ -64,7 +80,8 @@ def _compiler_id(cxx: str) -> str:
     return ""
 
 
-def library_path(source: str, cxx: str) -> str:
+def library_path(source: str, cxx: str, directory: Optional[str] = None) -> str:
+  """Where the library of ``source`` built by ``cxx`` on this machine lives."""
   import jaxlib  # pylint: disable=import-outside-toplevel
   with open(source, "rb") as f:
     text = f.read()
@@ -74,7 +91,7 @@ def library_path(source: str, cxx: str) -> str:
     h.update(part)
     h.update(b"\0")
   name = os.path.splitext(os.path.basename(source))[0]
-  return os.path.join(cache_dir(), f"{name}-{h.hexdigest()[:16]}.so")
+  return os.path.join(directory or cache_dir(), f"{name}-{h.hexdigest()[:16]}.so")
 
 
 def _build(source: str, cxx: str, target: str) -> None:
@@ -107,7 +124,7 @@ def load(source: str) -> Optional[ctypes.CDLL]:
       why = f"no C++ compiler ({cxx!r} is not on PATH)"
     else:
       try:
-        path = library_path(source, cxx)
+        path = library_path(source, cxx, _usable_cache_dir())
         if not os.path.exists(path):
           _build(source, cxx, path)
         lib = ctypes.cdll.LoadLibrary(path)
