@@ -1,10 +1,11 @@
 """What a compiled meta step costs, from XLA's own analyses (no timing).
 
 - FLOPs and bytes: ``compiled.cost_analysis()``, plus the FLOPs of spmd_lopt's FFI
-  kernels counted from the HLO (XLA counts a custom call as none). XLA counts a ``while`` body once, and the
-  truncation is a ``lax.scan`` of ``trunc_length`` inner steps, so the step's figure is
-  corrected by ``+ (trunc_length - 1) x`` the cost of one inner step, compiled separately
-  from the truncated step's public ``unroll_step`` on the same per-device shapes.
+  kernels counted from the HLO (XLA counts a custom call as none). XLA counts a ``while``
+  body once, and the truncation is a ``lax.scan`` of ``trunc_length`` inner steps, so the
+  step's figure is corrected by ``+ (trunc_length - 1) x`` the cost of one inner step,
+  compiled separately from the truncated step's public ``unroll_step`` on the same
+  per-device shapes.
 - Device memory: ``compiled.memory_analysis()`` (arguments + outputs not aliased to inputs
   + temporaries).
 - Collectives: all-reduce ops in the compiled HLO.
