@@ -1,4 +1,4 @@
-"""Build a C++ XLA FFI kernel shipped as source, once per machine, and register it.
+"""Build a C++ XLA FFI kernel shipped as source, once per machine, and load it.
 
 The library is compiled with ``$CXX`` (default ``c++``) against the FFI headers of the
 installed jaxlib, ``-O3 -march=native``, into a cache directory
