@@ -114,7 +114,7 @@ struct Shapes {
   int64_t entries, tail_size;
 };
 
-// One lane: entries [0, n) of every feature array, theta of this lane, its output rows.
+// One lane: entries [0, n) of its feature arrays, its weights, its output rows.
 template <int HV>
 void RunLane(const Shapes& s, const float* w0, const float* b0, const float* tail,
              const float* const* feats, const int64_t* widths, int num_arrays, float* out) {
@@ -132,7 +132,7 @@ void RunLane(const Shapes& s, const float* w0, const float* b0, const float* tai
     for (int v = 0; v < HV; ++v)
       for (int j = 0; j < 16; ++j) wl_cols[o][v][j] = wl[(16 * v + j) * O + o];
   // The output bias in the order the outputs are summed (product p = r * O + o).
-  v16 bl_lanes[kRows * kMaxOut / 16];
+  v16 bl_lanes[kRows * kMaxOut / 16] = {};
   for (int p = 0; p < kRows * O; ++p) bl_lanes[p / 16][p % 16] = bl[p % O];
 
   for (int64_t i0 = 0; i0 < s.entries; i0 += kRows) {
