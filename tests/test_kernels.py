@@ -178,8 +178,9 @@ def test_pes_meta_gradient_same_with_kernel_and_reference():
 # ----------------------------------------------------------------------------- build
 
 
-def _fresh_source(tmp_path, text=None):
-  src = tmp_path / "per_entry_mlp_copy.cc"
+def _fresh_source(tmp_path, text=None, name="per_entry_mlp_copy.cc"):
+  """A copy of the kernel's source (or ``text``) at a path no earlier ``load`` has seen."""
+  src = tmp_path / name
   src.write_text(text if text is not None else open(pem.SOURCE).read())
   return str(src)
 
@@ -217,15 +218,13 @@ def test_no_compiler_a_failed_build_or_disabled_say_why(tmp_path, monkeypatch):
   assert "no C++ compiler" in cpu_build.reason(src)
 
   monkeypatch.delenv("CXX")
-  broken = str(tmp_path / "broken.cc")
-  open(broken, "w").write("this is not C++\n")
+  broken = _fresh_source(tmp_path, "this is not C++\n", name="broken.cc")
   assert cpu_build.load(broken) is None
   assert "failed" in cpu_build.reason(broken)
   left = os.listdir(tmp_path / "cache")
   assert not [f for f in left if f.startswith("broken") or f.endswith(".tmp")], left
 
   monkeypatch.setenv(cpu_build.ENV_DISABLE, "0")
-  other = str(tmp_path / "other.cc")
-  open(other, "w").write(open(pem.SOURCE).read())
+  other = _fresh_source(tmp_path, name="other.cc")
   assert cpu_build.load(other) is None
   assert cpu_build.ENV_DISABLE in cpu_build.reason(other)

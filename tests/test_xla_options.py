@@ -6,7 +6,6 @@ import numpy as np
 
 from spmd_lopt import sharding
 from spmd_lopt import xla_options
-from spmd_lopt.kernels import per_entry_mlp
 from spmd_lopt.learned_optimizers import adafac_mlp_lopt
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import celo2
@@ -85,7 +84,7 @@ def test_rules_that_run_slower_with_library_graphs_get_the_default_compile():
   for lopt in (reference(), mlp_lopt.MLPLOpt(hidden_size=8), lopt_base.LearnableSGD(),
                lopt_base.LearnableAdam()):
     assert make(lopt).compiler_options == xla_options.CPU_OPTIONS, type(lopt).__name__
-  kernel = [mlp_lopt.MLPLOpt()] if not per_entry_mlp.unavailable(8, 32, 2, 2) else []
+  kernel = [mlp_lopt.MLPLOpt()] if not mlp_lopt.MLPLOpt().kernel_unavailable() else []
   for lopt in [celo2.Celo2(), celo2.Celo2Base(), adafac_mlp_lopt.AdafacMLPLOpt(),
                nn_adam.NNAdam()] + kernel:
     assert make(lopt).compiler_options == {}, type(lopt).__name__

@@ -54,7 +54,7 @@ def memory_budget_bytes(bcfg, max_devices: int) -> float:
 def run_bench(bcfg, outdir: str, log=print) -> dict:
   """The whole benchmark for ``bcfg``; writes into ``outdir`` and returns the JSON dict."""
   import jax  # pylint: disable=import-outside-toplevel
-  from spmd_lopt.kernels import per_entry_mlp  # pylint: disable=import-outside-toplevel
+  from spmd_lopt.learned_optimizers import mlp_lopt  # pylint: disable=import-outside-toplevel
   os.makedirs(outdir, exist_ok=True)
   t_start = time.time()
   load_before = stats.load_average()
@@ -66,7 +66,7 @@ def run_bench(bcfg, outdir: str, log=print) -> dict:
       f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s (n={peak['n']}); load {load_before}")
   # Whether MLPLOpt's fused CPU kernel runs here: without it MLPLOpt points are slower,
   # and a reader comparing runs must know.
-  kernel = per_entry_mlp.unavailable(8, 32, 2, 2) or "available"
+  kernel = mlp_lopt.MLPLOpt().kernel_unavailable() or "available"
   log(f"[bench] MLPLOpt's fused CPU kernel: {kernel}")
   by_n = orchestrate.plan(bcfg)
   results = orchestrate.run_points(bcfg, by_n, outdir, log)

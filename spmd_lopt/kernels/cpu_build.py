@@ -95,8 +95,8 @@ def library_path(source: str, cxx: str, directory: Optional[str] = None) -> str:
 
 
 def _build(source: str, cxx: str, target: str) -> None:
+  """Compile ``source`` to ``target`` (in an existing directory) via a temporary name."""
   import jax  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.dirname(target), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=os.path.dirname(target))
   os.close(fd)
   try:

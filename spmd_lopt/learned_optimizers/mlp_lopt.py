@@ -40,7 +40,8 @@ from spmd_lopt.optimizers import base as opt_base
 
 MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 TANH_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
-NUM_FEATURES = 2 + len(MOMENTUM_DECAYS) + len(TANH_TIMESCALES)
+NUM_TENSOR_FEATURES = 2 + len(MOMENTUM_DECAYS)  # g, p and the momenta: per entry
+NUM_FEATURES = NUM_TENSOR_FEATURES + len(TANH_TIMESCALES)
 
 
 def second_moment_normalizer(x: jax.Array, axis: Sequence[int], eps: float = 1e-5):
@@ -110,13 +111,18 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
     self.name = "MLPLOpt"
     self._mlp = _PerParamMLP(hidden_size, hidden_layers)
 
+  def kernel_unavailable(self) -> str:
+    """Why ``implementation="auto"`` would not run the fused CPU kernel here ("" if it
+    would): the backend, this optimizer's sizes, or the build."""
+    return per_entry_mlp.unavailable(NUM_TENSOR_FEATURES, self.hidden_size,
+                                     self.hidden_layers, 2)
+
   @property
   def cpu_library_graphs(self) -> bool:
     """XLA's CPU library graphs paid for the per-entry MLP as XLA products (1.2-1.5x);
     with the fused kernel they slow the rest of the step (0.90x on 16 image tasks on 1
     device, 0.96x on 64 on 2; docs/PERFORMANCE.md, "Round eight")."""
-    return self.implementation == "reference" or bool(per_entry_mlp.unavailable(
-        NUM_FEATURES - len(TANH_TIMESCALES), self.hidden_size, self.hidden_layers, 2))
+    return self.implementation == "reference" or bool(self.kernel_unavailable())
 
   def init(self, key):
     return self._mlp.init(key, jnp.zeros([1, NUM_FEATURES], jnp.float32))
@@ -132,7 +138,7 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
     if isinstance(theta, SplitTheta):
       return theta
     layers = [theta["params"][f"Dense_{i}"] for i in range(len(theta["params"]))]
-    n_tensor = NUM_FEATURES - len(TANH_TIMESCALES)
+    n_tensor = NUM_TENSOR_FEATURES
     kernel = layers[0]["kernel"]
     tail = (per_entry_mlp.pack_tail(layers[1:]) if len(layers) > 1
             else jnp.zeros(kernel.shape[:-2] + (0,), kernel.dtype))
