@@ -30,7 +30,7 @@ from absl import logging
 
 ENV_DISABLE = "SPMD_LOPT_KERNELS"
 ENV_CACHE = "SPMD_LOPT_KERNEL_CACHE"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
 _loaded: dict[str, Optional[ctypes.CDLL]] = {}

@@ -28,6 +28,11 @@ Theta uses the authors' released layout, ``{"ff_mod_stack": {"~": {"w0__0".."w0_
 "w1", ..., "b0", ...}}}``, so their ``theta.state`` files load without renaming
 (``load_released_weights``). ``scale_by_celo2`` is items 1-7 as an optax transformation.
 All matrix products run at ``Precision.HIGHEST`` (TF32 would move the steps visibly).
+
+On CPU, items 1-5 of every vector and of every tensor factored over its last two axes run
+as one fused kernel per leaf (``spmd_lopt.kernels.celo2_matrix``; hidden 8, 2 hidden
+layers); Newton-Schulz and items 7-8 stay XLA ops. ``implementation="reference"`` runs
+everything as XLA ops (other backends always do); the two agree to float rounding.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import common
 from spmd_lopt.learned_optimizers import reference_thetas
 from spmd_lopt import tree_utils
+from spmd_lopt.kernels import celo2_matrix
 from spmd_lopt.optimizers import base as opt_base
 
 F32 = jnp.float32
@@ -60,6 +66,7 @@ NUM_VECTOR_GROUPS = 9
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_ITERS = 5
 ADAM_B1, ADAM_B2, ADAM_EPS, ADAM_MULT = 0.9, 0.95, 1e-8, 20.0
+IMPLEMENTATIONS = ("auto", "kernel", "reference")
 # Haiku's truncated normal ([-2, 2] std units) has std 0.8796; dividing restores stddev.
 _TRUNC_STD = 0.87962566
 
@@ -247,35 +254,126 @@ def _mlp_direction(net, groups: Sequence[jax.Array]) -> jax.Array:
   return jnp.reshape(out, shape)
 
 
+def _leaf_accumulate(g, m, v, v_row, v_col, v_full):
+  """Item 2 on one leaf (``g`` clipped, float32): the updated ``m, v, v_row, v_col, v_full``
+  and the factored gradient ``fac_g``."""
+  momentum = common.momentum_update(common.MomentumState(m=[m]), [g], MOMENTUM_DECAYS)
+  rms = common.rms_update(common.RMSState(v=[v]), [g], (RMS_DECAY,))
+  factored, fac_g = common.factored_update(
+      common.FactoredState(v_row=[v_row], v_col=[v_col], v_full=[v_full]), [g],
+      ADAFACTOR_DECAYS)
+  return (momentum.m[0], rms.v[0], factored.v_row[0], factored.v_col[0],
+          factored.v_full[0], fac_g[0])
+
+
+def _leaf_direction(net, p32, g, m, v, fac_g, v_row, v_col) -> jax.Array:
+  """Items 3-5 on one leaf: the MLP's output 0, shape ``p32.shape`` (a scalar counts as a
+  length-1 vector)."""
+  if not jnp.shape(p32):
+    p32, g, m, v, fac_g = (jnp.reshape(x, (1,) + jnp.shape(x)) for x in (p32, g, m, v, fac_g))
+  return _mlp_direction(net, _features(p32, g, m, v, fac_g, v_row, v_col))
+
+
+def pack_net(net) -> jax.Array:
+  """Celo2's weights (released layout, hidden 8, 2 hidden layers) as the fused matrix
+  kernel reads them (``celo2_matrix.pack``)."""
+  first = jnp.concatenate([net[f"w0__{i}"] for i in range(len(GROUP_WIDTHS))], axis=0)
+  return celo2_matrix.pack(first, net["b0"], net["w1"], net["b1"], net["w2"], net["b2"])
+
+
+def _unpack_net(packed: jax.Array) -> dict:
+  first, b0, w1, b1, w2, b2 = celo2_matrix.unpack(packed)
+  net = {f"w0__{i}": block for i, block in enumerate(
+      jnp.split(first, np.cumsum(GROUP_WIDTHS)[:-1], axis=-2))}
+  net.update(b0=b0, w1=w1, b1=b1, w2=w2, b2=b2)
+  return net
+
+
+def _matrix_reference(p, grad, m, v, v_row, v_col, packed):
+  """``celo2_matrix``'s reference: items 1-5 on one factored float32 matrix with packed
+  weights, as XLA ops; ``(m, v, v_row, v_col, direction)``."""
+  g = jnp.clip(grad, -GRAD_CLIP, GRAD_CLIP)
+  m, v, v_row, v_col, _, fac_g = _leaf_accumulate(g, m, v, v_row, v_col,
+                                                  jnp.zeros((0, len(ADAFACTOR_DECAYS)), F32))
+  return m, v, v_row, v_col, _leaf_direction(_unpack_net(packed), p, g, m, v, fac_g, v_row,
+                                             v_col)
+
+
+def _vector_reference(p, grad, m, v, v_full, v_col, packed):
+  """``celo2_matrix``'s reference for a vector (``v_full`` in the ``v_row`` slot, ``v_col``
+  empty); ``(m, v, v_full, v_col, direction)``."""
+  g = jnp.clip(grad, -GRAD_CLIP, GRAD_CLIP)
+  m, v, _, _, v_full, fac_g = _leaf_accumulate(g, m, v, v_col, v_col, v_full)
+  return m, v, v_full, v_col, _leaf_direction(_unpack_net(packed), p, g, m, v, fac_g, v_col,
+                                              v_col)
+
+
+def kernel_unavailable(net, implementation: str) -> str:
+  """Why no leaf would run the fused kernel (``celo2_matrix``) with these weights and
+  ``implementation`` ("" if the leaves it covers would: ``celo2_matrix.shape_unsupported``)."""
+  if implementation == "reference":
+    return "implementation='reference'"
+  hidden = net["b0"].shape[-1]
+  layers = sum(1 for k in net if re.fullmatch(r"w[1-9][0-9]*", k))
+  return celo2_matrix.unavailable(hidden, layers)
+
+
 def accumulate_and_step(theta: Any, acc: Celo2Accumulators, grads: Any, params: Any,
-                        orthogonalize: bool = True) -> Tuple[Celo2Accumulators, Any]:
+                        orthogonalize: bool = True, implementation: str = "auto"
+                        ) -> Tuple[Celo2Accumulators, Any]:
   """Items 1-7 on every leaf: the updated accumulators and the unit-RMS steps.
 
   ``grads`` and ``params`` share a structure; each step has its parameter's shape and is
-  float32 (positive direction: the caller subtracts it).
+  float32 (positive direction: the caller subtracts it). ``implementation``: ``"auto"``
+  runs items 1-5 of every leaf the fused CPU kernel covers (``celo2_matrix``: vectors,
+  scalars and tensors factored over their last two axes; hidden 8, 2 hidden layers, CPU)
+  through it and the rest as XLA ops; ``"kernel"`` the same but a ValueError where the
+  kernel cannot run at all; ``"reference"`` XLA ops everywhere. The two agree to float
+  rounding.
   """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"Celo2: implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}.")
   net = theta["ff_mod_stack"]["~"]
-  g = jax.tree.map(lambda x: jnp.clip(jnp.asarray(x, F32), -GRAD_CLIP, GRAD_CLIP), grads)
-  momentum = common.momentum_update(acc.momentum, g, MOMENTUM_DECAYS)
-  rms = common.rms_update(acc.rms, g, (RMS_DECAY,))
-  factored, fac_g = common.factored_update(acc.factored, g, ADAFACTOR_DECAYS)
-
-  def one(p, gg, m, v, fy, v_row, v_col):
+  why_not = kernel_unavailable(net, implementation)
+  if why_not and implementation == "kernel":
+    raise ValueError(f"Celo2: the fused kernel cannot run here: {why_not}")
+  leaves, treedef = jax.tree.flatten(params)
+  parts = [treedef.flatten_up_to(t) for t in (grads, acc.momentum.m, acc.rms.v,
+                                              acc.factored.v_row, acc.factored.v_col,
+                                              acc.factored.v_full)]
+  packed = None
+  new_parts, steps = [], []
+  for p, grad, m, v, v_row, v_col, v_full in zip(leaves, *parts):
     shape = jnp.shape(p)
-    p32 = jnp.asarray(p, F32)
-    if not shape:  # a scalar is a length-1 vector (its factored state is "full" anyway)
-      p32, gg, m, v, fy = (jnp.reshape(x, (1,) + jnp.shape(x)) for x in (p32, gg, m, v, fy))
-    direction = _mlp_direction(net, _features(p32, gg, m, v, fy, v_row, v_col))
+    p32, grad32 = jnp.asarray(p, F32), jnp.asarray(grad, F32)
+    dims = common.factored_dims(shape)
+    if not why_not and not celo2_matrix.shape_unsupported(shape or (1,), dims):
+      packed = pack_net(net) if packed is None else packed
+      if dims is None:  # a vector (a scalar as a length-1 one): v_full in v_row's place
+        vec = lambda x: jnp.reshape(x, (-1,) + jnp.shape(x)[len(shape):])
+        m2, v2, v_full2, _, direction = celo2_matrix.apply(
+            _vector_reference, vec(p32), vec(grad32), vec(m), vec(v), vec(v_full), v_col,
+            packed)
+        m, v, v_full = (jnp.reshape(a, jnp.shape(b)) for a, b in
+                        ((m2, m), (v2, v), (v_full2, v_full)))
+        direction = jnp.reshape(direction, shape or (1,))
+      else:
+        m, v, v_row, v_col, direction = celo2_matrix.apply(
+            _matrix_reference, p32, grad32, m, v, v_row, v_col, packed)
+    else:
+      g = jnp.clip(grad32, -GRAD_CLIP, GRAD_CLIP)
+      m, v, v_row, v_col, v_full, fac_g = _leaf_accumulate(g, m, v, v_row, v_col, v_full)
+      direction = _leaf_direction(net, p32, g, m, v, fac_g, v_row, v_col)
+    new_parts.append((m, v, v_row, v_col, v_full))
     if orthogonalize and direction.ndim >= 2:
       direction = newton_schulz(direction)
-    return jnp.reshape(rms_normalize(direction, direction.ndim), shape)
-
-  leaves, treedef = jax.tree.flatten(params)
-  parts = [treedef.flatten_up_to(t) for t in (g, momentum.m, rms.v, fac_g,
-                                              factored.v_row, factored.v_col)]
-  steps = [one(p, *rest) for p, *rest in zip(leaves, *parts)]
-  new = Celo2Accumulators(momentum=momentum, rms=rms, factored=factored,
-                          count=optax.safe_increment(acc.count))
+    steps.append(jnp.reshape(rms_normalize(direction, direction.ndim), shape))
+  unflat = lambda i: jax.tree.unflatten(treedef, [x[i] for x in new_parts])
+  new = Celo2Accumulators(
+      momentum=common.MomentumState(m=unflat(0)), rms=common.RMSState(v=unflat(1)),
+      factored=common.FactoredState(v_row=unflat(2), v_col=unflat(3), v_full=unflat(4)),
+      count=optax.safe_increment(acc.count))
   return new, jax.tree.unflatten(treedef, steps)
 
 
@@ -329,7 +427,8 @@ def save_released_weights(path: Union[str, os.PathLike], theta: Any) -> None:
 # ----------------------------------------------------------------------------- optax
 
 
-def scale_by_celo2(theta: Any, orthogonalize: bool = True) -> optax.GradientTransformation:
+def scale_by_celo2(theta: Any, orthogonalize: bool = True,
+                   implementation: str = "auto") -> optax.GradientTransformation:
   """Celo2's learned rule (items 1-7) on every leaf, as an optax transformation.
 
   ``update(grads, state, params)`` needs ``params`` and returns the raw, positive,
@@ -347,7 +446,8 @@ def scale_by_celo2(theta: Any, orthogonalize: bool = True) -> optax.GradientTran
     if params is None:
       raise ValueError("scale_by_celo2: Celo2 reads the parameters; call "
                        "tx.update(grads, state, params).")
-    return accumulate_and_step(theta, state, updates, params, orthogonalize)[::-1]
+    return accumulate_and_step(theta, state, updates, params, orthogonalize,
+                               implementation)[::-1]
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -381,7 +481,13 @@ class Celo2(lopt_base.LearnedOptimizer):
 
   def __init__(self, orthogonalize: bool = True, step_mult: float = 1e-3,
                weight_decay: float = 0.0, regex_1d: Optional[str] = None,
-               hidden_size: int = 8, hidden_layers: int = 2):
+               hidden_size: int = 8, hidden_layers: int = 2, implementation: str = "auto"):
+    """``implementation``: how items 1-5 run (``accumulate_and_step``):
+    ``"auto"`` (the fused CPU kernel where it can run), ``"kernel"`` (it or a ValueError)
+    or ``"reference"`` (XLA ops)."""
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"Celo2: implementation must be one of {IMPLEMENTATIONS}, got "
+                       f"{implementation!r}.")
     if hidden_size <= 0 or hidden_layers < 1:
       raise ValueError("Celo2: hidden_size must be positive and hidden_layers >= 1, got "
                        f"{hidden_size}, {hidden_layers}.")
@@ -396,7 +502,15 @@ class Celo2(lopt_base.LearnedOptimizer):
     self.regex_1d = regex_1d
     self.hidden_size = hidden_size
     self.hidden_layers = hidden_layers
+    self.implementation = implementation
     self.name = "Celo2" if orthogonalize else "Celo2Base"
+
+  def kernel_unavailable(self) -> str:
+    """Why this optimizer's leaves would not run the fused CPU kernel here ("" if the
+    ones it covers would)."""
+    if self.implementation == "reference":
+      return "implementation='reference'"
+    return celo2_matrix.unavailable(self.hidden_size, self.hidden_layers)
 
   def init(self, key):
     return init_theta(key, self.hidden_size, self.hidden_layers)
@@ -437,7 +551,7 @@ class Celo2(lopt_base.LearnedOptimizer):
         p_learned, p_adam = split(params, mask)
         g_learned, g_adam = split(grad, mask)
         learned, steps = accumulate_and_step(theta, opt_state.learned, g_learned, p_learned,
-                                             lopt.orthogonalize)
+                                             lopt.orthogonalize, lopt.implementation)
         adam_m = common.momentum_update(opt_state.adam_m, g_adam, (ADAM_B1,))
         adam_v = common.rms_update(opt_state.adam_v, g_adam, (ADAM_B2,))
         adam_steps = [(m * jax.lax.rsqrt(v + ADAM_EPS))[..., 0]
@@ -465,6 +579,7 @@ class Celo2Base(Celo2):
 
   def __init__(self, step_mult: float = 1e-3, weight_decay: float = 0.0,
                regex_1d: Optional[str] = None, hidden_size: int = 8,
-               hidden_layers: int = 2):
+               hidden_layers: int = 2, implementation: str = "auto"):
     super().__init__(orthogonalize=False, step_mult=step_mult, weight_decay=weight_decay,
-                     regex_1d=regex_1d, hidden_size=hidden_size, hidden_layers=hidden_layers)
+                     regex_1d=regex_1d, hidden_size=hidden_size, hidden_layers=hidden_layers,
+                     implementation=implementation)
