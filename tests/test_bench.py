@@ -115,8 +115,10 @@ def test_end_to_end_in_process_writes_documented_fields(devices, tmp_path):
     data = json.load(f)
   assert set(data) >= {"meta", "peak_matmul", "results", "summary"}
   assert set(data["meta"]) >= {"device_kind", "jax_version", "cpu_count", "load_avg_before",
-                               "load_avg_after", "platform", "config", "per_entry_mlp_kernel"}
+                               "load_avg_after", "platform", "config", "per_entry_mlp_kernel",
+                               "celo2_matrix_kernel"}
   assert data["meta"]["per_entry_mlp_kernel"]  # "available" or why not
+  assert data["meta"]["celo2_matrix_kernel"]
   assert data["peak_matmul"]["flops_per_s"] > 0
   res = data["results"]
   assert not [r for r in res if r.get("error")], [r["error"] for r in res if r.get("error")]

@@ -44,11 +44,15 @@ def _run(theta, params, steps, implementation, orthogonalize=True):
   return acc, out
 
 
-def _kernel_calls(theta, params, implementation):
+def _compiled_text(theta, params, implementation):
   lowered = jax.jit(lambda a, g: celo2.accumulate_and_step(
       theta, a, g, params, True, implementation)).lower(celo2.accumulators_init(params),
                                                         params)
-  return celo2_matrix.hlo_calls(lowered.compile().as_text())
+  return lowered.compile().as_text()
+
+
+def _kernel_calls(theta, params, implementation):
+  return celo2_matrix.hlo_calls(_compiled_text(theta, params, implementation))
 
 
 SHAPES = {"w": (64, 32), "tall": (32, 10), "wide": (10, 32), "square": (16, 16),
@@ -71,7 +75,13 @@ def test_kernel_equals_reference_on_every_covered_shape():
   for a, b in zip(jax.tree.leaves(ker_acc), jax.tree.leaves(ref_acc)):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-30)
-  assert _kernel_calls(theta, params, "auto") == len(SHAPES)
+  text = _compiled_text(theta, params, "auto")
+  assert celo2_matrix.hlo_calls(text) == len(SHAPES)
+  # The bench's cost model: the MLP's multiply-adds, 18 features for a tensor, 15 for a
+  # vector (a scalar is one entry).
+  per_entry = lambda f: 2 * (f * 8 + 8 * 8 + 8)
+  want = sum(int(np.prod(s)) * per_entry(18 if len(s) >= 2 else 15) for s in SHAPES.values())
+  assert celo2_matrix.hlo_flops(text) == want
   assert _kernel_calls(theta, params, "reference") == 0
 
 

@@ -54,7 +54,7 @@ def memory_budget_bytes(bcfg, max_devices: int) -> float:
 def run_bench(bcfg, outdir: str, log=print) -> dict:
   """The whole benchmark for ``bcfg``; writes into ``outdir`` and returns the JSON dict."""
   import jax  # pylint: disable=import-outside-toplevel
-  from spmd_lopt.learned_optimizers import mlp_lopt  # pylint: disable=import-outside-toplevel
+  from spmd_lopt.learned_optimizers import celo2, mlp_lopt  # pylint: disable=import-outside-toplevel
   os.makedirs(outdir, exist_ok=True)
   t_start = time.time()
   load_before = stats.load_average()
@@ -64,10 +64,11 @@ def run_bench(bcfg, outdir: str, log=print) -> dict:
                                         else max(bcfg.peak_matmul_n, 8192))
   log(f"[bench] {jax.devices()[0].device_kind}: f32 matmul peak "
       f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s (n={peak['n']}); load {load_before}")
-  # Whether MLPLOpt's fused CPU kernel runs here: without it MLPLOpt points are slower,
-  # and a reader comparing runs must know.
+  # Whether the learned optimizers' fused CPU kernels run here: without them MLPLOpt and
+  # Celo2 points are slower, and a reader comparing runs must know.
   kernel = mlp_lopt.MLPLOpt().kernel_unavailable() or "available"
-  log(f"[bench] MLPLOpt's fused CPU kernel: {kernel}")
+  celo2_kernel = celo2.Celo2().kernel_unavailable() or "available"
+  log(f"[bench] fused CPU kernels: MLPLOpt's {kernel}; Celo2's {celo2_kernel}")
   by_n = orchestrate.plan(bcfg)
   results = orchestrate.run_points(bcfg, by_n, outdir, log)
   if int(bcfg.mp_processes) > 1 and platform_ != "cpu":
@@ -86,7 +87,7 @@ def run_bench(bcfg, outdir: str, log=print) -> dict:
       "cpu_affinity": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                        else None),
       "hostname": socket.gethostname(), "load_avg_before": load_before,
-      "per_entry_mlp_kernel": kernel,
+      "per_entry_mlp_kernel": kernel, "celo2_matrix_kernel": celo2_kernel,
       "load_avg_after": stats.load_average(), "wall_s": time.time() - t_start,
       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
   }
