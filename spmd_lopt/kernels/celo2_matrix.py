@@ -30,14 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from spmd_lopt.kernels import cpu_build
-from spmd_lopt.kernels import per_entry_mlp
+from spmd_lopt.kernels import ffi_util
 
 SOURCE = os.path.join(os.path.dirname(__file__), "celo2_matrix.cc")
 TARGET = "spmd_lopt_celo2_matrix"
 HIDDEN = 8
 FIRST_LAYER_ROWS = 30
 THETA_SIZE = FIRST_LAYER_ROWS * HIDDEN + HIDDEN + HIDDEN * HIDDEN + HIDDEN + HIDDEN + 1
-_registered = False
 
 
 def pack(first_layer: jax.Array, b0: jax.Array, w1: jax.Array, b1: jax.Array,
@@ -83,17 +82,8 @@ def shape_unsupported(shape: Sequence[int], factored_dims) -> str:
   return ""
 
 
-def _register() -> None:
-  global _registered
-  if not _registered:
-    lib = cpu_build.load(SOURCE)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SpmdLoptCelo2Matrix),
-                                platform="cpu")
-    _registered = True
-
-
 def _kernel_call(p, grad, m, v, v_row, v_col, packed):
-  _register()
+  ffi_util.register(TARGET, SOURCE, "SpmdLoptCelo2Matrix")
   vector = p.ndim == 1
   rows, cols = (1, p.shape[0]) if vector else p.shape[-2:]
   # The "row" statistic averages over the last axis (always, for a vector's v_full).
@@ -106,27 +96,14 @@ def _kernel_call(p, grad, m, v, v_row, v_col, packed):
   outs = call(p, grad, m, v, v_row, v_col, packed, rows=np.int64(rows),
               cols=np.int64(cols), d_row_last=np.int64(d_row_last),
               vector=np.int64(vector))
-  return _varying_like(outs, (p, grad, m, v, v_row, v_col, packed))
-
-
-def _varying_like(outs, args):
-  """``outs`` marked as varying over every shard_map mesh axis some of ``args`` vary over
-  (the FFI call's results carry none by themselves, and a reference's pass-through of an
-  empty statistic only its own): both branches of ``_fused`` must have one type."""
-  varying = set().union(*(per_entry_mlp._varying_axes(a)  # pylint: disable=protected-access
-                          for a in args))
-  fixed = []
-  for out in outs:
-    missing = tuple(sorted(varying - per_entry_mlp._varying_axes(out)))  # pylint: disable=protected-access
-    fixed.append(jax.lax.pcast(out, missing, to="varying") if missing else out)
-  return tuple(fixed)
+  return ffi_util.varying_like(outs, (p, grad, m, v, v_row, v_col, packed))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(reference, p, grad, m, v, v_row, v_col, packed):
   return jax.lax.platform_dependent(p, grad, m, v, v_row, v_col, packed,
                                     cpu=_kernel_call,
-                                    default=lambda *a: _varying_like(reference(*a), a))
+                                    default=lambda *a: ffi_util.varying_like(reference(*a), a))
 
 
 def _fused_fwd(reference, *args):

@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from spmd_lopt.kernels import cpu_build
+from spmd_lopt.kernels import ffi_util
 
 SOURCE = os.path.join(os.path.dirname(__file__), "per_entry_mlp.cc")
 TARGET = "spmd_lopt_per_entry_mlp"
 IMPLEMENTATIONS = ("auto", "kernel", "reference")
-_registered = False
 
 
 def pack_tail(layers: Sequence[dict]) -> jax.Array:
@@ -110,35 +110,15 @@ def unsupported(features: Sequence[jax.Array], kernel0: jax.Array, hidden_layers
   return unavailable(f, h, hidden_layers, num_out)
 
 
-def _register() -> None:
-  global _registered
-  if not _registered:
-    lib = cpu_build.load(SOURCE)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SpmdLoptPerEntryMlp),
-                                platform="cpu")
-    _registered = True
-
-
-def _varying_axes(x) -> set:
-  """The shard_map mesh axes ``x`` varies over (empty outside shard_map)."""
-  t = jax.typeof(x)
-  mat = getattr(t, "manual_axis_type", None)  # jax >= 0.9; older versions call it vma
-  return set(mat.varying if mat is not None else getattr(t, "vma", ()))
-
-
 def _kernel_call(features, kernel0, bias0, tail, hidden_layers, num_out):
-  _register()
+  ffi_util.register(TARGET, SOURCE, "SpmdLoptPerEntryMlp")
   n, h = features[0].shape[0], kernel0.shape[-1]
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, num_out), jnp.float32),
                           vmap_method="broadcast_all")
   out = call(kernel0, bias0, tail, *features, num_features=np.int64(kernel0.shape[0]),
              hidden=np.int64(h), hidden_layers=np.int64(hidden_layers),
              num_out=np.int64(num_out))
-  # Inside shard_map the result varies over the mesh axes its inputs vary over; ffi_call's
-  # result type does not say so by itself, and scan carries and branches check it.
-  varying = set().union(*(_varying_axes(a) for a in (kernel0, bias0, tail, *features)))
-  missing = tuple(sorted(varying - _varying_axes(out)))
-  return jax.lax.pcast(out, missing, to="varying") if missing else out
+  return ffi_util.varying_like((out,), (kernel0, bias0, tail, *features))[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -31,8 +31,9 @@ All matrix products run at ``Precision.HIGHEST`` (TF32 would move the steps visi
 
 On CPU, items 1-5 of every vector and of every tensor factored over its last two axes run
 as one fused kernel per leaf (``spmd_lopt.kernels.celo2_matrix``; hidden 8, 2 hidden
-layers); Newton-Schulz and items 7-8 stay XLA ops. ``implementation="reference"`` runs
-everything as XLA ops (other backends always do); the two agree to float rounding.
+layers) and item 6 as another (``spmd_lopt.kernels.newton_schulz``); items 7-8 stay XLA
+ops. ``implementation="reference"`` runs everything as XLA ops (other backends always do);
+the two agree to float rounding.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from spmd_lopt.learned_optimizers import common
 from spmd_lopt.learned_optimizers import reference_thetas
 from spmd_lopt import tree_utils
 from spmd_lopt.kernels import celo2_matrix
+from spmd_lopt.kernels import newton_schulz as newton_schulz_kernel
 from spmd_lopt.optimizers import base as opt_base
 
 F32 = jnp.float32
@@ -327,9 +329,9 @@ def accumulate_and_step(theta: Any, acc: Celo2Accumulators, grads: Any, params: 
   float32 (positive direction: the caller subtracts it). ``implementation``: ``"auto"``
   runs items 1-5 of every leaf the fused CPU kernel covers (``celo2_matrix``: vectors,
   scalars and tensors factored over their last two axes; hidden 8, 2 hidden layers, CPU)
-  through it and the rest as XLA ops; ``"kernel"`` the same but a ValueError where the
-  kernel cannot run at all; ``"reference"`` XLA ops everywhere. The two agree to float
-  rounding.
+  through it, Newton-Schulz through its CPU kernel (``newton_schulz``), and the rest as
+  XLA ops; ``"kernel"`` the same but a ValueError where the rule's kernel cannot run at
+  all; ``"reference"`` XLA ops everywhere. The two agree to float rounding.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"Celo2: implementation must be one of {IMPLEMENTATIONS}, got "
@@ -338,6 +340,8 @@ def accumulate_and_step(theta: Any, acc: Celo2Accumulators, grads: Any, params: 
   why_not = kernel_unavailable(net, implementation)
   if why_not and implementation == "kernel":
     raise ValueError(f"Celo2: the fused kernel cannot run here: {why_not}")
+  ns_why_not = ("implementation='reference'" if implementation == "reference" else
+                newton_schulz_kernel.unavailable() if orthogonalize else "not orthogonalised")
   leaves, treedef = jax.tree.flatten(params)
   parts = [treedef.flatten_up_to(t) for t in (grads, acc.momentum.m, acc.rms.v,
                                               acc.factored.v_row, acc.factored.v_col,
@@ -367,7 +371,8 @@ def accumulate_and_step(theta: Any, acc: Celo2Accumulators, grads: Any, params: 
       direction = _leaf_direction(net, p32, g, m, v, fac_g, v_row, v_col)
     new_parts.append((m, v, v_row, v_col, v_full))
     if orthogonalize and direction.ndim >= 2:
-      direction = newton_schulz(direction)
+      direction = (newton_schulz(direction) if ns_why_not else
+                   newton_schulz_kernel.apply(direction, newton_schulz, NS_ITERS))
     steps.append(jnp.reshape(rms_normalize(direction, direction.ndim), shape))
   unflat = lambda i: jax.tree.unflatten(treedef, [x[i] for x in new_parts])
   new = Celo2Accumulators(
