@@ -184,8 +184,12 @@ def test_newton_schulz_kernel_equals_the_xla_ops(shape):
   """Tall and wide (transposed inside), sizes that pad to 16, one matrix and a batch."""
   x = jax.random.normal(jax.random.key(8), shape)
   want = jax.jit(celo2.newton_schulz)(x)
-  got = jax.jit(lambda a: newton_schulz.apply(a, celo2.newton_schulz, celo2.NS_ITERS))(x)
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-6)
+  fused = jax.jit(lambda a: newton_schulz.apply(a, celo2.newton_schulz, celo2.NS_ITERS))
+  np.testing.assert_allclose(fused(x), want, rtol=1e-4, atol=5e-6)
+  m, n = sorted(shape[-2:])
+  lanes = int(np.prod(shape[:-2]))
+  text = fused.lower(x).compile().as_text()
+  assert newton_schulz.hlo_flops(text) == lanes * celo2.NS_ITERS * (4 * m * m * n + 2 * m ** 3)
 
 
 def test_newton_schulz_kernel_gradient_and_lanes_on_devices(devices):

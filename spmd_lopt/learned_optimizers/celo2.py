@@ -479,9 +479,10 @@ class Celo2(lopt_base.LearnedOptimizer):
   """Celo2 (``orthogonalize=True``) and Celo2-base (``False``); math in the module
   docstring. ``regex_1d`` (e.g. ``"/b$"``) routes matching leaves to the Adam branch."""
 
-  # The Celo2 recipe's meta step runs 1.10-1.16x faster without XLA's CPU library graphs
-  # (their fused Newton-Schulz graph alone takes 1.8x its separate products), Celo2-base's
-  # 1.10x; lopt_base.LearnedOptimizer.cpu_library_graphs.
+  # The Celo2 recipe's meta step ran 1.10-1.16x faster without XLA's CPU library graphs
+  # (their fused Newton-Schulz graph alone took 1.8x its separate products), Celo2-base's
+  # 1.10x; with the CPU kernels they touch only the tasks' products and still do not pay
+  # (0.98x); lopt_base.LearnedOptimizer.cpu_library_graphs.
   cpu_library_graphs = False
 
   def __init__(self, orthogonalize: bool = True, step_mult: float = 1e-3,
