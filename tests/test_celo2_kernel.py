@@ -202,3 +202,13 @@ def test_newton_schulz_kernel_gradient_and_lanes_on_devices(devices):
                                   out_specs=P("tasks")))
   got = sharded(jax.device_put(x, NamedSharding(mesh, P("tasks"))))
   np.testing.assert_allclose(got, jax.jit(ns)(x), rtol=1e-6, atol=1e-7)
+
+
+def test_celo2_runs_newton_schulz_in_the_kernel_only_for_small_matrices():
+  """Large matrices (here 256 x 256) run XLA's products, which are faster there."""
+  theta = _theta(jax.random.key(10))
+  for shape, in_kernel in (((64, 32), True), ((256, 256), False)):
+    text = _compiled_text(theta, {"w": jnp.ones(shape)}, "auto")
+    assert (newton_schulz.hlo_flops(text) > 0) == in_kernel, shape
+  assert newton_schulz.shape_unsupported((4, 256, 256))
+  assert not newton_schulz.shape_unsupported((4, 128, 256))

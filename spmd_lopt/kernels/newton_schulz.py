@@ -27,6 +27,24 @@ SOURCE = os.path.join(os.path.dirname(__file__), "newton_schulz.cc")
 TARGET = "spmd_lopt_newton_schulz"
 
 
+# Larger matrices run faster as XLA's products (cache-blocked, multi-threaded on a device
+# that owns several cores): one jitted 5-iteration call, 1 device, both cores free, XLA /
+# kernel time: 128 x 256 1.59, 128 x 128 (4 lanes) 1.06, 256 x 256 0.79, 512 x 512 0.74.
+MAX_SHORT_SIDE = 128
+MAX_ENTRIES = 128 * 256
+
+
+def shape_unsupported(shape) -> str:
+  """Why the kernel is not used for a matrix of this shape (``[..., R, C]``; "" if it is)."""
+  if len(shape) < 2:
+    return "rank < 2"
+  rows, cols = shape[-2:]
+  if min(rows, cols) > MAX_SHORT_SIDE or rows * cols > MAX_ENTRIES:
+    return (f"{rows} x {cols} is larger than the kernel's sizes (short side <= "
+            f"{MAX_SHORT_SIDE}, <= {MAX_ENTRIES} entries): XLA's products are faster there")
+  return ""
+
+
 def unavailable() -> str:
   """Why the kernel cannot run here ("" if it can)."""
   if jax.default_backend() != "cpu":

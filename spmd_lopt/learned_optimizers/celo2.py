@@ -371,8 +371,9 @@ def accumulate_and_step(theta: Any, acc: Celo2Accumulators, grads: Any, params: 
       direction = _leaf_direction(net, p32, g, m, v, fac_g, v_row, v_col)
     new_parts.append((m, v, v_row, v_col, v_full))
     if orthogonalize and direction.ndim >= 2:
-      direction = (newton_schulz(direction) if ns_why_not else
-                   newton_schulz_kernel.apply(direction, newton_schulz, NS_ITERS))
+      direction = (newton_schulz(direction)
+                   if ns_why_not or newton_schulz_kernel.shape_unsupported(direction.shape)
+                   else newton_schulz_kernel.apply(direction, newton_schulz, NS_ITERS))
     steps.append(jnp.reshape(rms_normalize(direction, direction.ndim), shape))
   unflat = lambda i: jax.tree.unflatten(treedef, [x[i] for x in new_parts])
   new = Celo2Accumulators(
