@@ -9,12 +9,12 @@ label-permuted (README "Tasks"). Every task has the paper's per-iteration shapes
 of 8x8x1 images, MLP 64-32-10 ReLU, 2,410 parameters, meta-loss clipped to [0, 1.5 ln 10]),
 so an iteration costs what one of the paper's does. Nothing is downloaded.
 
-Time on this 2-core CPU (2026-12-07, load 0.9-1.5, this command with ``outer_steps`` 60 and
-100): 1 device, compile and first step 24 s, then 0.48 s per outer iteration (2.1 per s);
-2 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``), 29 s, then 0.24 s (4.2
-per s). Projected full run: 100k x 0.24 s = ~6.6 hours on 2 devices (~13 on 1); the paper
-reports about 4.5 A100-hours. Every iteration is 3,200 inner steps. (Earlier, with 8
-developers sharing the machine, load ~10: 1.85 s per iteration on 1 device.)
+Time on this 2-core CPU (2026-12-07, load 1.2-1.4, Celo2's fused CPU kernels, this command
+with ``outer_steps`` 100): 1 device, compile and first step 23 s, then 0.22 s per outer
+iteration (4.6 per s); 2 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``),
+27 s, then 0.10 s (9.8 per s). Projected full run: 100k x 0.102 s = ~2.8 hours on 2 devices
+(~6 on 1); the paper reports about 4.5 A100-hours. Every iteration is 3,200 inner steps.
+(Before the kernels: 0.48 s and 0.24 s, ~6.6 hours.)
 
 Expected result: with the paper's outer learning rate (5e-5) theta moves too little in a
 short run to see: the meta-loss rises as the staggered trajectories age under the random

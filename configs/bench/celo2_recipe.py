@@ -19,10 +19,11 @@ Names that this install lacks (``celo2`` in the learned-optimizer registry, the
 synthetic 8x8 family, the ``reset_mode`` option) make their points ``skipped`` with the
 reason; nothing fails.
 
-Time and result on this 2-core CPU (2026-12-07, load 1.3-1.5, matmul peak 255 GFLOP/s;
-``docs/bench/celo2_recipe_2026-12-07_round6/``): ~2 minutes with
-``--config.reset_modes=""``; 0.61 s per outer iteration on 1 device and 0.27 s on 2,
-projected 17 h and 7.4 h for 100k iterations (the paper: ~4.5 A100-hours).
+Time and result on this 2-core CPU (2026-12-07, load 1.2-1.6, matmul peak 250 GFLOP/s,
+Celo2's fused CPU kernels; ``docs/bench/celo2_recipe_2026-12-07_kernels/``): ~1.5 minutes
+with ``--config.reset_modes=""``; 0.208 s per outer iteration on 1 device and 0.116 s on 2,
+projected 5.8 h and 3.2 h for 100k iterations (the paper: ~4.5 A100-hours; before the
+kernels 0.61 s and 0.27 s, 17 h and 7.4 h).
 
 Command::
 
