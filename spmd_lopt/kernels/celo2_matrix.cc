@@ -15,13 +15,15 @@
 // Outputs: m, v, the two statistics (updated) and the direction (R x C).
 //
 // Three passes over the matrix, each a loop over rows and 16-entry tiles of a row (entries
-// in vector lanes, the 347 weights broadcast): (1) the accumulators, the statistics' sums
-// and the sums of squares of the 12 columns that do not need the statistics; (2) the sums
-// of squares of the 6 columns that do (fac_g, m rf cf); (3) the features again, the norms
-// folded into the first layer (n_c W0[c]), the row/column columns' contributions as two
-// tables (one per row, one per column) and the MLP in registers. A lane's matrix (<= a few
-// hundred KB) stays in cache between passes; nothing per entry is written but the results.
-// XLA ran the same math as ~100 fused loops, transposes and products per matrix.
+// in vector lanes, the 329 weights it uses broadcast): (1) the accumulators, the sums
+// behind the statistics and the sums of squares of the 12 columns that do not need the
+// statistics; (2) the sums of squares of the 6 columns that do (fac_g, m rf cf); (3) the
+// features again, the norms folded into the first layer (n_c W0[c]), the row/column
+// columns' contributions as two tables (one per row, one per column) and the MLP in
+// registers. A small lane's matrix stays in cache between passes; nothing per entry is
+// written but the results. XLA ran the same math as ~100 fused loops, transposes and
+// products per matrix. A vector (rank 1) runs as a 1 x n matrix with its full second
+// moments in the row statistic's place (Shape::vector).
 //
 // Vectors are GCC's generic extension (__builtin_shuffle is GCC's; -march=native picks
 // the ISA). The momenta's trailing decay axis is de-interleaved by shuffles.
@@ -259,7 +261,8 @@ void StatFactors(const Shape& s, Scratch& w, const float* vrow_in, const float* 
     for (int64_t i = 0; i < n_vrow; ++i) mean += vrow[3 * i + k];
     mean /= static_cast<float>(n_vrow);
     for (int64_t i = 0; i < n_vrow; ++i)
-      rf[k * rf_stride + i] = 1.0f / std::sqrt(std::max(vrow[3 * i + k] / (mean + 1e-9f), 1e-9f));
+      rf[k * rf_stride + i] =
+          1.0f / std::sqrt(std::max(vrow[3 * i + k] / (mean + 1e-9f), 1e-9f));
     for (int64_t i = 0; i < n_vcol; ++i)
       cf[k * cf_stride + i] = 1.0f / std::sqrt(std::max(vcol[3 * i + k], 1e-9f));
   }
@@ -442,9 +445,10 @@ ffi::Error Celo2MatrixImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> grad,
   // The Python wrapper checks these before it calls; this guards the memory accesses.
   if (p.element_count() != lanes * entries || grad.element_count() != lanes * entries ||
       m.element_count() != 3 * lanes * entries || v.element_count() != lanes * entries ||
-      vrow.element_count() != 3 * lanes * n_vrow || vcol.element_count() != 3 * lanes * n_vcol ||
-      theta.element_count() != lanes * kTheta || out->element_count() != lanes * entries ||
-      m_out->element_count() != m.element_count() || v_out->element_count() != lanes * entries ||
+      vrow.element_count() != 3 * lanes * n_vrow ||
+      vcol.element_count() != 3 * lanes * n_vcol || theta.element_count() != lanes * kTheta ||
+      out->element_count() != lanes * entries || m_out->element_count() != m.element_count() ||
+      v_out->element_count() != lanes * entries ||
       vrow_out->element_count() != vrow.element_count() ||
       vcol_out->element_count() != vcol.element_count())
     return ffi::Error::InvalidArgument("celo2_matrix: sizes mismatch");

@@ -4,10 +4,11 @@ For a parameter ``p`` of shape ``L + (R, C)`` whose Adafactor factoring runs ove
 two axes, with gradient ``grad``, momenta ``m`` (``L + (R, C, 3)``), second moment ``v``
 (``L + (R, C, 1)``), the factored statistics ``v_row`` / ``v_col`` (``common.FactoredState``
 layout; for a vector ``p`` of shape ``(n,)``: its full second moments ``v_full`` ``(n, 3)``
-as ``v_row`` and an empty ``(0, 3)`` ``v_col``) and Celo2's weights packed by ``pack`` (``THETA_SIZE`` numbers: the first layer
-``[30, 8]``, ``b0``, ``w1 [8, 8]``, ``b1``, output 0 of ``w2`` and of ``b2``), ``apply``
-returns ``(m, v, v_row, v_col, direction)``: items 1-5 of ``celo2``'s docstring (the
-updated accumulators and the grouped MLP's output 0 on the unit-RMS features).
+as ``v_row`` and an empty ``(0, 3)`` ``v_col``) and Celo2's weights packed by ``pack``
+(``THETA_SIZE`` numbers: the first layer ``[30, 8]``, ``b0``, ``w1 [8, 8]``, ``b1``,
+output 0 of ``w2`` and of ``b2``), ``apply`` returns ``(m, v, v_row, v_col, direction)``:
+items 1-5 of ``celo2``'s docstring (the updated accumulators and the grouped MLP's output
+0 on the unit-RMS features).
 
 On CPU it runs ``celo2_matrix.cc`` through ``jax.ffi``: three passes over each matrix
 (accumulators and sums, the factored columns' sums, features and MLP in registers) where

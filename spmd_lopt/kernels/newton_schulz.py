@@ -87,8 +87,9 @@ def apply(x: jax.Array, reference: Callable, iters: int) -> jax.Array:
   return _fused(x, reference, iters)
 
 
-_HLO_CALL = re.compile(r"=\s*f32\[([0-9,]*)\]\{[^}]*\}\s*custom-call\([^\n]*custom_call_target=\""
-                       + TARGET + r"\"[^\n]*backend_config=\{([^}]*)\}")
+_HLO_CALL = re.compile(r"=\s*f32\[([0-9,]*)\]\{[^}]*\}\s*custom-call\([^\n]*"
+                       r"custom_call_target=\"" + TARGET +
+                       r"\"[^\n]*backend_config=\{([^}]*)\}")
 
 
 def hlo_flops(hlo_text: str) -> float:

@@ -489,9 +489,9 @@ class Celo2(lopt_base.LearnedOptimizer):
   def __init__(self, orthogonalize: bool = True, step_mult: float = 1e-3,
                weight_decay: float = 0.0, regex_1d: Optional[str] = None,
                hidden_size: int = 8, hidden_layers: int = 2, implementation: str = "auto"):
-    """``implementation``: how items 1-5 run (``accumulate_and_step``):
-    ``"auto"`` (the fused CPU kernel where it can run), ``"kernel"`` (it or a ValueError)
-    or ``"reference"`` (XLA ops)."""
+    """``implementation``: how items 1-6 run (``accumulate_and_step``): ``"auto"`` (the
+    fused CPU kernels where they can run), ``"kernel"`` (the rule's kernel or a
+    ValueError) or ``"reference"`` (XLA ops)."""
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"Celo2: implementation must be one of {IMPLEMENTATIONS}, got "
                        f"{implementation!r}.")
