@@ -212,3 +212,21 @@ def test_celo2_runs_newton_schulz_in_the_kernel_only_for_small_matrices():
     assert (newton_schulz.hlo_flops(text) > 0) == in_kernel, shape
   assert newton_schulz.shape_unsupported((4, 256, 256))
   assert not newton_schulz.shape_unsupported((4, 128, 256))
+
+
+def test_a_nan_gradient_gives_the_references_nans():
+  """A diverged inner task: NaN in one gradient entry makes the whole matrix's step NaN
+  (its feature norms are NaN) in the XLA ops, and must in the kernels too (their clip and
+  ReLU let NaN through as XLA's max and min do); an inf is clipped to finite in both."""
+  key = jax.random.key(11)
+  theta = _theta(key)
+  params = {"w": jax.random.normal(key, (24, 20)), "b": jax.random.normal(key, (20,))}
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(12), p.shape), params)
+  grads = {"w": grads["w"].at[3, 4].set(jnp.nan), "b": grads["b"].at[2].set(jnp.inf)}
+  out = {}
+  for impl in ("kernel", "reference"):
+    out[impl] = jax.jit(lambda a, g, i=impl: celo2.accumulate_and_step(
+        theta, a, g, params, True, i))(celo2.accumulators_init(params), grads)
+  for a, b in zip(jax.tree.leaves(out["kernel"]), jax.tree.leaves(out["reference"])):
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+  assert np.isnan(out["kernel"][1]["w"]).all() and np.isfinite(out["kernel"][1]["b"]).all()

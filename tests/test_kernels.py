@@ -155,6 +155,23 @@ def test_mlp_lopt_kernel_and_reference_agree(hidden_size, hidden_layers):
   assert helpers.max_rel_err(steps["auto"], steps["reference"]) < 1e-4
 
 
+def test_mlp_lopt_nan_gradient_gives_the_references_nans():
+  """NaN in one gradient entry: the kernel's ReLU lets NaN through as XLA's max does, so
+  the updated parameters have the reference's NaNs (here the whole tensor's)."""
+  params = {"w": jax.random.normal(jax.random.key(1), (24, 20)), "b": jnp.zeros((20,))}
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(5), p.shape), params)
+  grads["w"] = grads["w"].at[3, 4].set(jnp.nan)
+  new = {}
+  for impl in ("kernel", "reference"):
+    lopt = mlp_lopt.MLPLOpt(implementation=impl)
+    opt = lopt.opt_fn(lopt.init(jax.random.key(0)))
+    new[impl] = opt.get_params(jax.jit(opt.update)(opt.init(params, num_steps=10), grads))
+  for name in params:
+    np.testing.assert_array_equal(np.isnan(new["kernel"][name]),
+                                  np.isnan(new["reference"][name]))
+  assert np.isnan(new["kernel"]["w"]).all()
+
+
 def test_mlp_lopt_rejects_an_unknown_implementation():
   with pytest.raises(ValueError, match="implementation"):
     mlp_lopt.MLPLOpt(implementation="fused")

@@ -67,8 +67,10 @@ constexpr int kFullRows[kFull] = {kG,      kClip,    kP,      kM,      kM + 1,  
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
 inline v16 splat(float x) { return v16{} + x; }
-inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
-inline v16 vmin(v16 a, v16 b) { return a < b ? a : b; }
+// A NaN in `a` comes through, as XLA's max/min (so clip and relu) let it: a diverged inner
+// task's NaN gradient must give NaN steps here too, not finite ones.
+inline v16 vmax(v16 a, v16 b) { return a < b ? b : a; }
+inline v16 vmin(v16 a, v16 b) { return a > b ? b : a; }
 inline v16 relu(v16 x) { return vmax(x, v16{}); }
 inline v16 clip(v16 x, float lim) { return vmin(vmax(x, splat(-lim)), splat(lim)); }
 inline v16 rsqrt(v16 x) {  // vectorised by -fno-math-errno

@@ -37,9 +37,9 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned l
 typedef int32_t i16v __attribute__((vector_size(64)));
 
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline v16 relu(v16 x) {
+inline v16 relu(v16 x) {  // NaN comes through, as in XLA's max(x, 0)
   const v16 zero = {};
-  return x > zero ? x : zero;
+  return x < zero ? zero : x;
 }
 
 // Lane i of the result: the sum of t[i]'s 16 lanes. A transpose-and-add tree: each level
