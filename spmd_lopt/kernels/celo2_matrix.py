@@ -21,16 +21,13 @@ so the results do not depend on how lanes are spread over devices.
 
 from __future__ import annotations
 
-import functools
 import os
-import re
 from typing import Callable, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spmd_lopt.kernels import cpu_build
 from spmd_lopt.kernels import ffi_util
 
 SOURCE = os.path.join(os.path.dirname(__file__), "celo2_matrix.cc")
@@ -63,11 +60,7 @@ def unavailable(hidden: int = HIDDEN, hidden_layers: int = 2) -> str:
   takes, the backend, and whether it builds."""
   if hidden != HIDDEN or hidden_layers != 2:
     return f"hidden size {hidden} and {hidden_layers} hidden layers (the kernel: 8 and 2)"
-  if jax.default_backend() != "cpu":
-    return f"the default backend is {jax.default_backend()}, not cpu"
-  if cpu_build.load(SOURCE) is None:
-    return cpu_build.reason(SOURCE)
-  return ""
+  return ffi_util.unavailable(SOURCE)
 
 
 def shape_unsupported(shape: Sequence[int], factored_dims) -> str:
@@ -94,29 +87,9 @@ def _kernel_call(p, grad, m, v, v_row, v_col, packed):
   # The accumulators are updated in place (the kernel reads each entry before writing it).
   call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="broadcast_all",
                           input_output_aliases={2: 0, 3: 1, 4: 2, 5: 3})
-  outs = call(p, grad, m, v, v_row, v_col, packed, rows=np.int64(rows),
-              cols=np.int64(cols), d_row_last=np.int64(d_row_last),
-              vector=np.int64(vector))
-  return ffi_util.varying_like(outs, (p, grad, m, v, v_row, v_col, packed))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(reference, p, grad, m, v, v_row, v_col, packed):
-  return jax.lax.platform_dependent(p, grad, m, v, v_row, v_col, packed,
-                                    cpu=_kernel_call,
-                                    default=lambda *a: ffi_util.varying_like(reference(*a), a))
-
-
-def _fused_fwd(reference, *args):
-  return _fused(reference, *args), args
-
-
-def _fused_bwd(reference, residuals, cotangents):
-  _, vjp = jax.vjp(reference, *residuals)
-  return vjp(cotangents)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
+  return tuple(call(p, grad, m, v, v_row, v_col, packed, rows=np.int64(rows),
+                    cols=np.int64(cols), d_row_last=np.int64(d_row_last),
+                    vector=np.int64(vector)))
 
 
 def apply(reference: Callable, p: jax.Array, grad: jax.Array, m: jax.Array, v: jax.Array,
@@ -127,11 +100,8 @@ def apply(reference: Callable, p: jax.Array, grad: jax.Array, m: jax.Array, v: j
   ops (a module-level function: it is a static argument). The caller checks
   ``unavailable`` and ``shape_unsupported`` first; all arrays are float32.
   """
-  return _fused(reference, p, grad, m, v, v_row, v_col, packed)
-
-
-_HLO_CALL = re.compile(r"=\s*\(([^)]*)\)\s*custom-call\([^\n]*custom_call_target=\""
-                       + TARGET + r"\"[^\n]*backend_config=\{([^}]*)\}")
+  return ffi_util.kernel_or_reference(_kernel_call, reference, p, grad, m, v, v_row, v_col,
+                                      packed)
 
 
 def hlo_flops(hlo_text: str) -> float:
@@ -140,15 +110,13 @@ def hlo_flops(hlo_text: str) -> float:
   nothing): ``2 x entries x (F H + H^2 + H)`` with ``F`` 18 full-size features for a
   tensor, 15 for a vector, ``H = 8``. The features and accumulators are not counted."""
   total = 0.0
-  for m in _HLO_CALL.finditer(hlo_text):
-    shapes = re.findall(r"f32\[([0-9,]*)\]", m.group(1))
-    entries = float(np.prod([int(d) for d in shapes[-1].split(",") if d], dtype=np.float64))
-    attrs = dict(re.findall(r"(\w+) = (\d+) : i64", m.group(2)))
-    features = 15 if int(attrs.get("vector", 0)) else 18
+  for shapes, attrs in ffi_util.hlo_custom_calls(hlo_text, TARGET):
+    entries = float(np.prod(shapes[-1], dtype=np.float64))  # the direction's
+    features = 15 if attrs.get("vector", 0) else 18
     total += 2.0 * entries * (features * HIDDEN + HIDDEN * HIDDEN + HIDDEN)
   return total
 
 
 def hlo_calls(hlo_text: str) -> int:
   """How many calls of this kernel a compiled module's HLO text holds."""
-  return sum(1 for _ in _HLO_CALL.finditer(hlo_text))
+  return len(ffi_util.hlo_custom_calls(hlo_text, TARGET))

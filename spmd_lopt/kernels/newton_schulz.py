@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spmd_lopt.kernels import cpu_build
 from spmd_lopt.kernels import ffi_util
 
 SOURCE = os.path.join(os.path.dirname(__file__), "newton_schulz.cc")
@@ -47,49 +45,21 @@ def shape_unsupported(shape) -> str:
 
 def unavailable() -> str:
   """Why the kernel cannot run here ("" if it can)."""
-  if jax.default_backend() != "cpu":
-    return f"the default backend is {jax.default_backend()}, not cpu"
-  if cpu_build.load(SOURCE) is None:
-    return cpu_build.reason(SOURCE)
-  return ""
+  return ffi_util.unavailable(SOURCE)
 
 
 def _kernel_call(x, iters):
   ffi_util.register(TARGET, SOURCE, "SpmdLoptNewtonSchulz")
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
                           vmap_method="broadcast_all")
-  out = call(x, iters=np.int64(iters))
-  return ffi_util.varying_like((out,), (x,))[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _fused(x, reference, iters):
-  return jax.lax.platform_dependent(x, cpu=lambda a: _kernel_call(a, iters),
-                                    default=reference)
-
-
-def _fused_fwd(x, reference, iters):
-  return _fused(x, reference, iters), x
-
-
-def _fused_bwd(reference, iters, x, cotangent):
-  del iters
-  _, vjp = jax.vjp(reference, x)
-  return vjp(cotangent)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
+  return call(x, iters=np.int64(iters))
 
 
 def apply(x: jax.Array, reference: Callable, iters: int) -> jax.Array:
   """``reference(x)`` through the kernel (float32 ``x``, ``[..., R, C]``); ``reference``
   must be a module-level function (a static argument) running ``iters`` iterations."""
-  return _fused(x, reference, iters)
-
-
-_HLO_CALL = re.compile(r"=\s*f32\[([0-9,]*)\]\{[^}]*\}\s*custom-call\([^\n]*"
-                       r"custom_call_target=\"" + TARGET +
-                       r"\"[^\n]*backend_config=\{([^}]*)\}")
+  return ffi_util.kernel_or_reference(functools.partial(_kernel_call, iters=iters),
+                                      reference, x)
 
 
 def hlo_flops(hlo_text: str) -> float:
@@ -98,9 +68,8 @@ def hlo_flops(hlo_text: str) -> float:
   ``m x n`` matrix (``m <= n``) and iteration ``4 m^2 n + 2 m^3`` (``Y Y^T``, ``A A``,
   ``B Y``)."""
   total = 0.0
-  for m in _HLO_CALL.finditer(hlo_text):
-    dims = [int(d) for d in m.group(1).split(",") if d]
-    iters = int(dict(re.findall(r"(\w+) = (\d+) : i64", m.group(2)))["iters"])
+  for (dims,), attrs in ffi_util.hlo_custom_calls(hlo_text, TARGET):
+    iters = attrs["iters"]
     rows, cols = dims[-2:]
     small, large = min(rows, cols), max(rows, cols)
     lanes = float(np.prod(dims[:-2], dtype=np.float64))

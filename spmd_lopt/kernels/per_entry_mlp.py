@@ -25,19 +25,16 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spmd_lopt.kernels import cpu_build
 from spmd_lopt.kernels import ffi_util
 
 SOURCE = os.path.join(os.path.dirname(__file__), "per_entry_mlp.cc")
 TARGET = "spmd_lopt_per_entry_mlp"
-IMPLEMENTATIONS = ("auto", "kernel", "reference")
 
 
 def pack_tail(layers: Sequence[dict]) -> jax.Array:
@@ -78,19 +75,15 @@ def reference(features: Sequence[jax.Array], kernel0: jax.Array, bias0: jax.Arra
 
 
 def unavailable(num_features: int, hidden: int, hidden_layers: int, num_out: int) -> str:
-  """Why the kernel cannot run an MLP of these sizes here ("" if it can): the backend,
-  the sizes it takes, and whether it builds."""
-  if jax.default_backend() != "cpu":
-    return f"the default backend is {jax.default_backend()}, not cpu"
+  """Why the kernel cannot run an MLP of these sizes here ("" if it can): the sizes it
+  takes, the backend, and whether it builds."""
   if hidden % 16 or not 16 <= hidden <= 64:
     return f"hidden size {hidden} is not 16, 32, 48 or 64"
   if not 1 <= num_features <= 64:
     return f"{num_features} features (at most 64)"
   if not 1 <= num_out <= 8 or hidden_layers < 1:
     return f"{num_out} outputs, {hidden_layers} hidden layers (1 to 8, at least 1)"
-  if cpu_build.load(SOURCE) is None:
-    return cpu_build.reason(SOURCE)
-  return ""
+  return ffi_util.unavailable(SOURCE)
 
 
 def unsupported(features: Sequence[jax.Array], kernel0: jax.Array, hidden_layers: int,
@@ -115,32 +108,9 @@ def _kernel_call(features, kernel0, bias0, tail, hidden_layers, num_out):
   n, h = features[0].shape[0], kernel0.shape[-1]
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, num_out), jnp.float32),
                           vmap_method="broadcast_all")
-  out = call(kernel0, bias0, tail, *features, num_features=np.int64(kernel0.shape[0]),
-             hidden=np.int64(h), hidden_layers=np.int64(hidden_layers),
-             num_out=np.int64(num_out))
-  return ffi_util.varying_like((out,), (kernel0, bias0, tail, *features))[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(features, kernel0, bias0, tail, hidden_layers, num_out):
-  # Lowered for CPU: the kernel; for any other platform the same program is the reference.
-  return jax.lax.platform_dependent(
-      features, kernel0, bias0, tail,
-      cpu=lambda *a: _kernel_call(*a, hidden_layers, num_out),
-      default=lambda *a: reference(*a, hidden_layers, num_out))
-
-
-def _fused_fwd(features, kernel0, bias0, tail, hidden_layers, num_out):
-  return _fused(features, kernel0, bias0, tail, hidden_layers, num_out), (
-      features, kernel0, bias0, tail)
-
-
-def _fused_bwd(hidden_layers, num_out, residuals, cotangent):
-  _, vjp = jax.vjp(lambda *a: reference(*a, hidden_layers, num_out), *residuals)
-  return vjp(cotangent)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
+  return call(kernel0, bias0, tail, *features, num_features=np.int64(kernel0.shape[0]),
+              hidden=np.int64(h), hidden_layers=np.int64(hidden_layers),
+              num_out=np.int64(num_out))
 
 
 def apply(features: Sequence[jax.Array], kernel0: jax.Array, bias0: jax.Array,
@@ -151,9 +121,7 @@ def apply(features: Sequence[jax.Array], kernel0: jax.Array, bias0: jax.Array,
   ``implementation``: ``"auto"`` (the kernel where it can run, else the reference),
   ``"kernel"`` (the kernel, or a ValueError saying why not) or ``"reference"``.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"per_entry_mlp: implementation must be one of {IMPLEMENTATIONS}, "
-                     f"got {implementation!r}")
+  ffi_util.check_implementation("per_entry_mlp", implementation)
   features = tuple(features)
   expected = tail_size(kernel0.shape[-1], hidden_layers, num_out)
   if tail.shape[-1] != expected:
@@ -167,11 +135,10 @@ def apply(features: Sequence[jax.Array], kernel0: jax.Array, bias0: jax.Array,
     if implementation == "kernel":
       raise ValueError(f"per_entry_mlp: the kernel cannot run here: {why}")
     return reference(features, kernel0, bias0, tail, hidden_layers, num_out)
-  return _fused(features, kernel0, bias0, tail, hidden_layers, num_out)
-
-
-_HLO_CALL = re.compile(r"=\s*f32\[([0-9,]*)\][^=]*custom-call\(.*custom_call_target=\""
-                       + TARGET + r"\".*backend_config=\{([^}]*)\}")
+  sizes = {"hidden_layers": hidden_layers, "num_out": num_out}
+  return ffi_util.kernel_or_reference(functools.partial(_kernel_call, **sizes),
+                                      functools.partial(reference, **sizes),
+                                      features, kernel0, bias0, tail)
 
 
 def hlo_flops(hlo_text: str) -> float:
@@ -179,11 +146,9 @@ def hlo_flops(hlo_text: str) -> float:
   (as XLA's cost analysis counts a loop body), ``2 x lanes x n x (F H + (L - 1) H^2 +
   H O)``: XLA's cost analysis counts nothing for a custom call."""
   total = 0.0
-  for m in _HLO_CALL.finditer(hlo_text):
-    dims = [int(d) for d in m.group(1).split(",") if d]
-    attrs = dict(re.findall(r"(\w+) = (\d+) : i64", m.group(2)))
-    f, h = int(attrs["num_features"]), int(attrs["hidden"])
-    layers, o = int(attrs["hidden_layers"]), int(attrs["num_out"])
+  for (dims,), attrs in ffi_util.hlo_custom_calls(hlo_text, TARGET):
+    f, h = attrs["num_features"], attrs["hidden"]
+    layers, o = attrs["hidden_layers"], attrs["num_out"]
     rows = float(np.prod(dims[:-1], dtype=np.float64))
     total += 2.0 * rows * (f * h + (layers - 1) * h * h + h * o)
   return total

@@ -53,6 +53,7 @@ from spmd_lopt.learned_optimizers import common
 from spmd_lopt.learned_optimizers import reference_thetas
 from spmd_lopt import tree_utils
 from spmd_lopt.kernels import celo2_matrix
+from spmd_lopt.kernels import ffi_util
 from spmd_lopt.kernels import newton_schulz as newton_schulz_kernel
 from spmd_lopt.optimizers import base as opt_base
 
@@ -68,7 +69,6 @@ NUM_VECTOR_GROUPS = 9
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_ITERS = 5
 ADAM_B1, ADAM_B2, ADAM_EPS, ADAM_MULT = 0.9, 0.95, 1e-8, 20.0
-IMPLEMENTATIONS = ("auto", "kernel", "reference")
 # Haiku's truncated normal ([-2, 2] std units) has std 0.8796; dividing restores stddev.
 _TRUNC_STD = 0.87962566
 
@@ -310,14 +310,12 @@ def _vector_reference(p, grad, m, v, v_full, v_col, packed):
                                               v_col)
 
 
-def kernel_unavailable(net, implementation: str) -> str:
-  """Why no leaf would run the fused kernel (``celo2_matrix``) with these weights and
+def kernel_unavailable(implementation: str, hidden_size: int, hidden_layers: int) -> str:
+  """Why no leaf would run the fused kernel (``celo2_matrix``) with these sizes and
   ``implementation`` ("" if the leaves it covers would: ``celo2_matrix.shape_unsupported``)."""
   if implementation == "reference":
     return "implementation='reference'"
-  hidden = net["b0"].shape[-1]
-  layers = sum(1 for k in net if re.fullmatch(r"w[1-9][0-9]*", k))
-  return celo2_matrix.unavailable(hidden, layers)
+  return celo2_matrix.unavailable(hidden_size, hidden_layers)
 
 
 def accumulate_and_step(theta: Any, acc: Celo2Accumulators, grads: Any, params: Any,
@@ -333,11 +331,11 @@ def accumulate_and_step(theta: Any, acc: Celo2Accumulators, grads: Any, params: 
   XLA ops; ``"kernel"`` the same but a ValueError where the rule's kernel cannot run at
   all; ``"reference"`` XLA ops everywhere. The two agree to float rounding.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"Celo2: implementation must be one of {IMPLEMENTATIONS}, got "
-                     f"{implementation!r}.")
+  ffi_util.check_implementation("Celo2", implementation)
   net = theta["ff_mod_stack"]["~"]
-  why_not = kernel_unavailable(net, implementation)
+  # Sizes from theta itself: w1 .. w{hidden_layers}, b0 of [hidden].
+  why_not = kernel_unavailable(implementation, net["b0"].shape[-1],
+                               sum(1 for k in net if re.fullmatch(r"w[1-9][0-9]*", k)))
   if why_not and implementation == "kernel":
     raise ValueError(f"Celo2: the fused kernel cannot run here: {why_not}")
   ns_why_not = ("implementation='reference'" if implementation == "reference" else
@@ -492,9 +490,7 @@ class Celo2(lopt_base.LearnedOptimizer):
     """``implementation``: how items 1-6 run (``accumulate_and_step``): ``"auto"`` (the
     fused CPU kernels where they can run), ``"kernel"`` (the rule's kernel or a
     ValueError) or ``"reference"`` (XLA ops)."""
-    if implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"Celo2: implementation must be one of {IMPLEMENTATIONS}, got "
-                       f"{implementation!r}.")
+    ffi_util.check_implementation("Celo2", implementation)
     if hidden_size <= 0 or hidden_layers < 1:
       raise ValueError("Celo2: hidden_size must be positive and hidden_layers >= 1, got "
                        f"{hidden_size}, {hidden_layers}.")
@@ -515,9 +511,7 @@ class Celo2(lopt_base.LearnedOptimizer):
   def kernel_unavailable(self) -> str:
     """Why this optimizer's leaves would not run the fused CPU kernel here ("" if the
     ones it covers would)."""
-    if self.implementation == "reference":
-      return "implementation='reference'"
-    return celo2_matrix.unavailable(self.hidden_size, self.hidden_layers)
+    return kernel_unavailable(self.implementation, self.hidden_size, self.hidden_layers)
 
   def init(self, key):
     return init_theta(key, self.hidden_size, self.hidden_layers)

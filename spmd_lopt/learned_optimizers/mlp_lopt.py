@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spmd_lopt.kernels import ffi_util
 from spmd_lopt.kernels import per_entry_mlp
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import common
@@ -100,9 +101,7 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
     if hidden_size <= 0 or hidden_layers < 0:
       raise ValueError("MLPLOpt: hidden_size must be positive and hidden_layers >= 0, got "
                        f"{hidden_size}, {hidden_layers}.")
-    if implementation not in per_entry_mlp.IMPLEMENTATIONS:
-      raise ValueError(f"MLPLOpt: implementation must be one of "
-                       f"{per_entry_mlp.IMPLEMENTATIONS}, got {implementation!r}.")
+    ffi_util.check_implementation("MLPLOpt", implementation)
     self.implementation = implementation
     self.exp_mult = exp_mult
     self.step_mult = step_mult
