@@ -27,14 +27,14 @@ def xla_cost(compiled) -> dict[str, float]:
   """``{"flops", "bytes"}`` of one call as XLA counts them (loop bodies once), plus the
   FLOPs of spmd_lopt's own kernels, which XLA counts as zero (``spmd_lopt.kernels``;
   their bytes are not added)."""
-  from spmd_lopt.kernels import celo2_matrix, newton_schulz, per_entry_mlp  # pylint: disable=import-outside-toplevel
+  from spmd_lopt.kernels import celo2_matrix, mlp_lopt_step, newton_schulz, per_entry_mlp  # pylint: disable=import-outside-toplevel
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else {}
   ca = ca or {}
   text = compiled.as_text()
-  kernel_flops = (per_entry_mlp.hlo_flops(text) + celo2_matrix.hlo_flops(text) +
-                  newton_schulz.hlo_flops(text))
+  kernel_flops = (per_entry_mlp.hlo_flops(text) + mlp_lopt_step.hlo_flops(text) +
+                  celo2_matrix.hlo_flops(text) + newton_schulz.hlo_flops(text))
   return {"flops": float(ca.get("flops", 0.0)) + kernel_flops,
           "bytes": float(ca.get("bytes accessed", 0.0))}
 

@@ -20,6 +20,7 @@
 // a shuffle tree. Vectors are GCC's generic extension (GCC builds it; __builtin_shuffle is
 // GCC's): the compiler picks the ISA (-march=native).
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -114,10 +115,13 @@ struct Shapes {
   int64_t entries, tail_size;
 };
 
-// One lane: entries [0, n) of its feature arrays, its weights, its output rows.
-template <int HV>
-void RunLane(const Shapes& s, const float* w0, const float* b0, const float* tail,
-             const float* const* feats, const int64_t* widths, int num_arrays, float* out) {
+// One lane: entries [0, n) of its feature arrays through the MLP with its weights. Each
+// tile's outputs go to sink(i0, rows, p0, sums): lane i of sums is output o of entry
+// i0 + r for p0 + i = r * O + o (entries past rows are padding).
+template <int HV, typename Sink>
+void MlpTiles(const Shapes& s, const float* w0, const float* b0, const float* tail,
+              const float* const* feats, const int64_t* widths, int num_arrays,
+              Sink&& sink) {
   constexpr int H = HV * 16;
   const int F = s.features, O = s.out;
   const float* wh = tail;
@@ -172,15 +176,25 @@ void RunLane(const Shapes& s, const float* w0, const float* b0, const float* tai
         if (p < products)
           for (int v = 0; v < HV; ++v) t[i] += relu(acc[r][v]) * wl_cols[o][v];
       }
-      const v16 sums = SumEach(t) + bl_lanes[p0 / 16];
-      const int valid = std::min(16, rows * O - p0);
-      if (valid == 16) {
-        *reinterpret_cast<v16u*>(out + i0 * O + p0) = sums;
-      } else {
-        for (int i = 0; i < valid; ++i) out[i0 * O + p0 + i] = sums[i];
-      }
+      sink(i0, rows, p0, SumEach(t) + bl_lanes[p0 / 16]);
     }
   }
+}
+
+// The MLP's outputs of one lane as rows of out ([n, O]).
+template <int HV>
+void RunLane(const Shapes& s, const float* w0, const float* b0, const float* tail,
+             const float* const* feats, const int64_t* widths, int num_arrays, float* out) {
+  const int O = s.out;
+  MlpTiles<HV>(s, w0, b0, tail, feats, widths, num_arrays,
+               [out, O](int64_t i0, int rows, int p0, v16 sums) {
+                 const int valid = std::min(16, rows * O - p0);
+                 if (valid == 16) {
+                   *reinterpret_cast<v16u*>(out + i0 * O + p0) = sums;
+                 } else {
+                   for (int i = 0; i < valid; ++i) out[i0 * O + p0 + i] = sums[i];
+                 }
+               });
 }
 
 void RunLaneDispatch(const Shapes& s, const float* w0, const float* b0, const float* tail,
@@ -192,6 +206,43 @@ void RunLaneDispatch(const Shapes& s, const float* w0, const float* b0, const fl
     case 3: return RunLane<3>(s, w0, b0, tail, feats, widths, num_arrays, out);
     case 4: return RunLane<4>(s, w0, b0, tail, feats, widths, num_arrays, out);
   }
+}
+
+// run(l) for every lane l in [0, lanes). Lanes are independent: on a multi-threaded device
+// (one device using the whole CPU) the caller and the pool's threads take lanes from a
+// shared counter. The state is shared with the scheduled tasks, which may start after the
+// caller has returned. Only worth it for calls of tens of MFLOP (~0.5 ms): below, waking a
+// second thread cost more than it saved (quadratic tasks: 7 MFLOP calls, 0.92x with
+// threads).
+template <typename Run>
+void RunLanes(ffi::ThreadPool& pool, int64_t lanes, int64_t flops, Run& run,
+              int min_log2 = 26) {
+  const int64_t threads =
+      flops < (int64_t{1} << min_log2) ? 0 : std::min<int64_t>(pool.num_threads(), lanes - 1);
+  if (threads <= 0) {
+    for (int64_t l = 0; l < lanes; ++l) run(l);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, lanes, &run] {
+    int64_t l;
+    while ((l = shared->next.fetch_add(1)) < lanes) {
+      run(l);
+      if (shared->done.fetch_add(1) + 1 == lanes) {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        shared->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 0; t < threads; ++t) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done.load() == lanes; });
 }
 
 ffi::Error PerEntryMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel0,
@@ -247,38 +298,202 @@ ffi::Error PerEntryMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel0,
     RunLaneDispatch(s, w0 + l * s.features * H, b0 + l * H, tl + l * s.tail_size, lane_feats,
                     widths, num_arrays, o + l * s.entries * s.out);
   };
-  // Lanes are independent: on a multi-threaded device (one device using the whole CPU) the
-  // caller and the pool's threads take lanes from a shared counter. The state is shared
-  // with the scheduled tasks, which may start after the caller has returned.
-  // Only worth it for calls of tens of MFLOP (~0.5 ms): below, waking a second thread cost
-  // more than it saved (quadratic tasks: 7 MFLOP calls, 0.92x with threads).
-  const int64_t flops = 2 * lanes * s.entries * (s.features * H + s.tail_size);
-  const int64_t threads =
-      flops < (int64_t{1} << 26) ? 0 : std::min<int64_t>(pool.num_threads(), lanes - 1);
-  if (threads <= 0) {
-    for (int64_t l = 0; l < lanes; ++l) run(l);
-    return ffi::Error::Success();
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, lanes, &run] {
-    int64_t l;
-    while ((l = shared->next.fetch_add(1)) < lanes) {
-      run(l);
-      if (shared->done.fetch_add(1) + 1 == lanes) {
-        std::lock_guard<std::mutex> lock(shared->mu);
-        shared->cv.notify_all();
-      }
+  RunLanes(pool, lanes, 2 * lanes * s.entries * (s.features * H + s.tail_size), run);
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------
+// MLPLOpt's step for one tensor: the norms of its features, the MLP and the step.
+
+constexpr int kMaxMomenta = 8;
+
+// e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial
+// (Cephes' expf, ~1 ulp), 2^n through the exponent bits; above 88 as e^(x - ln2) * 2, so
+// 2^n stays a normal float up to the overflow at ~88.72 (inf above, as XLA's exp). Below
+// float's normal range (x < -87.3) it gives about FLT_MIN where XLA gives denormals, and
+// 0 below -103.97; NaN gives NaN.
+inline v16 Exp(v16 x) {
+  const v16 zero = {};
+  const v16 big = __builtin_convertvector(x > 88.0f, v16);  // -1 where x > 88, else 0
+  const v16 xs = x + big * 0.693147180559945f;
+  const v16 hi = xs < 88.3762626647949f ? xs : 88.3762626647949f;
+  const v16 c = hi > -87.3365478515625f ? hi : -87.3365478515625f;  // NaN stays NaN
+  v16 fx = c * 1.44269504088896341f + 0.5f;
+  v16 n = __builtin_convertvector(__builtin_convertvector(fx, i16v), v16);
+  n += __builtin_convertvector(n > fx, v16);  // floor: true is -1
+  const v16 r = c - n * 0.693359375f + n * 2.12194440e-4f;
+  const v16 z = r * r;
+  v16 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+  y = y * reinterpret_cast<const v16&>(bits) * (1.0f - big);  // 2^n; twice that above 88
+  y = x > 88.72283935546875f ? zero + __builtin_inff() : y;
+  return x < -103.972076416015625f ? zero : y;
+}
+
+// The sums of squares over one lane's tensor of n entries of g (sq[0]), p (sq[1]) and each
+// momentum m_k (sq[2 + k]; m [n, K] row-major). A block of 16 entries holds 16 K momenta,
+// K vectors; float q = 16 j + l of the block is momentum q % K.
+template <int K>
+void SumsOfSquares(int64_t n, const float* g, const float* p, const float* m, float* sq) {
+  v16 acc[K], acc_g = {}, acc_p = {};
+  for (int j = 0; j < K; ++j) acc[j] = v16{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 gv = load(g + i), pv = load(p + i);
+    acc_g += gv * gv;
+    acc_p += pv * pv;
+    for (int j = 0; j < K; ++j) {
+      const v16 mv = load(m + K * i + 16 * j);
+      acc[j] += mv * mv;
     }
+  }
+  for (int k = 0; k < 2 + K; ++k) sq[k] = 0.0f;
+  for (int l = 0; l < 16; ++l) {
+    sq[0] += acc_g[l];
+    sq[1] += acc_p[l];
+    for (int j = 0; j < K; ++j) sq[2 + (16 * j + l) % K] += acc[j][l];
+  }
+  for (; i < n; ++i) {
+    sq[0] += g[i] * g[i];
+    sq[1] += p[i] * p[i];
+    for (int k = 0; k < K; ++k) sq[2 + k] += m[K * i + k] * m[K * i + k];
+  }
+}
+
+void SumsOfSquaresDispatch(int K, int64_t n, const float* g, const float* p, const float* m,
+                           float* sq) {
+  switch (K) {
+#define SPMD_LOPT_MOMENTA_CASE(k) \
+  case k: return SumsOfSquares<k>(n, g, p, m, sq);
+    SPMD_LOPT_MOMENTA_CASE(1) SPMD_LOPT_MOMENTA_CASE(2) SPMD_LOPT_MOMENTA_CASE(3)
+    SPMD_LOPT_MOMENTA_CASE(4) SPMD_LOPT_MOMENTA_CASE(5) SPMD_LOPT_MOMENTA_CASE(6)
+    SPMD_LOPT_MOMENTA_CASE(7) SPMD_LOPT_MOMENTA_CASE(8)
+#undef SPMD_LOPT_MOMENTA_CASE
+  }
+}
+
+struct StepConstants {
+  int momenta;
+  float exp_mult, step_mult;
+};
+
+// One lane's tensor: the sums of squares, the first layer's kernel scaled by the norms
+// (rsqrt(1e-5 + mean(x^2)) per feature row), then the MLP on [g, p, m] read in place and
+// step = d exp(s exp_mult) step_mult from its two outputs (d, s).
+template <int HV>
+void MlpLoptStepLane(const Shapes& s, const StepConstants& c, const float* tensor_kernel,
+                     const float* step_bias, const float* tail, const float* g,
+                     const float* p, const float* m, float* step) {
+  constexpr int H = HV * 16;
+  const int64_t n = s.entries;
+  const int F = 2 + c.momenta;
+  float sq[2 + kMaxMomenta];
+  SumsOfSquaresDispatch(c.momenta, n, g, p, m, sq);
+  alignas(64) float w0[(2 + kMaxMomenta) * H];
+  for (int a = 0; a < F; ++a) {
+    const float scale = 1.0f / std::sqrt(1e-5f + sq[a] / static_cast<float>(n));
+    for (int h = 0; h < H; ++h) w0[a * H + h] = scale * tensor_kernel[a * H + h];
+  }
+  const float* feats[3] = {g, p, m};
+  const int64_t widths[3] = {1, 1, c.momenta};
+  // Lane q of the output sums is output q % 2 of the tile's entry q / 2 (kRows * 2 = 16).
+  const i16v magnitude_of = {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15};
+  const float exp_mult = c.exp_mult, step_mult = c.step_mult;
+  MlpTiles<HV>(s, w0, step_bias, tail, feats, widths, 3,
+               [&](int64_t i0, int rows, int, v16 sums) {
+                 const v16 scale = __builtin_shuffle(Exp(sums * exp_mult), magnitude_of);
+                 const v16 steps = sums * scale * step_mult;
+                 for (int r = 0; r < rows; ++r) step[i0 + r] = steps[2 * r];
+               });
+}
+
+void MlpLoptStepDispatch(const Shapes& s, const StepConstants& c, const float* tensor_kernel,
+                         const float* step_bias, const float* tail, const float* g,
+                         const float* p, const float* m, float* step) {
+  switch (s.hidden / 16) {
+    case 1: return MlpLoptStepLane<1>(s, c, tensor_kernel, step_bias, tail, g, p, m, step);
+    case 2: return MlpLoptStepLane<2>(s, c, tensor_kernel, step_bias, tail, g, p, m, step);
+    case 3: return MlpLoptStepLane<3>(s, c, tensor_kernel, step_bias, tail, g, p, m, step);
+    case 4: return MlpLoptStepLane<4>(s, c, tensor_kernel, step_bias, tail, g, p, m, step);
+  }
+}
+
+constexpr int kMaxTensors = 64;
+
+// MLPLOpt's steps for all T tensors of a model (lanes: tasks, perturbations): weights
+// tensor_kernel [lanes, F, H], step_bias [lanes, H], tail [lanes, tail_size]; then
+// (p_t [lanes, n_t], g_t [lanes, n_t], m_t [lanes, n_t, K]) for each tensor t; results
+// step_t [lanes, n_t]. One call for the whole model: its lanes x T items (the biggest
+// tensors' first) keep both threads of a device busy where one call per tensor left the
+// small tensors' calls to one thread.
+ffi::Error MlpLoptStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tensor_kernel,
+                           ffi::Buffer<ffi::F32> step_bias, ffi::Buffer<ffi::F32> tail,
+                           ffi::RemainingArgs tensors, ffi::RemainingRets steps,
+                           int64_t momenta, int64_t hidden, int64_t hidden_layers,
+                           float exp_mult, float step_mult) {
+  Shapes s;
+  StepConstants c;
+  c.momenta = static_cast<int>(momenta);
+  c.exp_mult = exp_mult;
+  c.step_mult = step_mult;
+  s.features = 2 + c.momenta;
+  s.hidden = static_cast<int>(hidden);
+  s.hidden_layers = static_cast<int>(hidden_layers);
+  s.out = 2;
+  // The Python wrapper checks these before it calls; this guards the memory accesses.
+  if (c.momenta < 1 || c.momenta > kMaxMomenta || s.hidden % 16 != 0 || s.hidden < 16 ||
+      s.hidden > 64 || s.hidden_layers < 1)
+    return ffi::Error::InvalidArgument("mlp_lopt_step: unsupported sizes");
+  const int64_t H = s.hidden, F = s.features;
+  s.tail_size = (s.hidden_layers - 1) * (H * H + H) + H * s.out + s.out;
+  const int64_t lanes = tensor_kernel.element_count() / (F * H);
+  if (lanes < 1 || tensor_kernel.element_count() != lanes * F * H ||
+      step_bias.element_count() != lanes * H || tail.element_count() != lanes * s.tail_size)
+    return ffi::Error::InvalidArgument("mlp_lopt_step: weight sizes mismatch");
+  const int num = static_cast<int>(steps.size());
+  if (num < 1 || num > kMaxTensors || tensors.size() != 3 * steps.size())
+    return ffi::Error::InvalidArgument("mlp_lopt_step: 1 to 64 tensors, (p, g, m) each");
+  struct Tensor {
+    const float *p, *g, *m;
+    float* step;
+    int64_t entries;
   };
-  for (int64_t t = 0; t < threads; ++t) pool.Schedule([work] { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->done.load() == lanes; });
+  Tensor ts[kMaxTensors];
+  int64_t total = 0;
+  for (int t = 0; t < num; ++t) {
+    auto p = tensors.get<ffi::Buffer<ffi::F32>>(3 * t);
+    auto g = tensors.get<ffi::Buffer<ffi::F32>>(3 * t + 1);
+    auto m = tensors.get<ffi::Buffer<ffi::F32>>(3 * t + 2);
+    auto st = steps.get<ffi::Buffer<ffi::F32>>(t);
+    if (!p.has_value() || !g.has_value() || !m.has_value() || !st.has_value())
+      return ffi::Error::InvalidArgument("mlp_lopt_step: tensors must be f32");
+    const int64_t n = p->element_count() / lanes;
+    if (n < 1 || p->element_count() != lanes * n || g->element_count() != lanes * n ||
+        m->element_count() != lanes * n * c.momenta || (*st)->element_count() != lanes * n)
+      return ffi::Error::InvalidArgument("mlp_lopt_step: tensor sizes mismatch");
+    ts[t] = {p->typed_data(), g->typed_data(), m->typed_data(), (*st)->typed_data(), n};
+    total += n;
+  }
+  // Items from the biggest tensor down, so the last items a thread takes are short.
+  int order[kMaxTensors];
+  for (int t = 0; t < num; ++t) order[t] = t;
+  std::sort(order, order + num,
+            [&](int a, int b) { return ts[a].entries > ts[b].entries; });
+  auto run = [&, tk = tensor_kernel.typed_data(), sb = step_bias.typed_data(),
+              tl = tail.typed_data()](int64_t item) {
+    const Tensor& t = ts[order[item / lanes]];
+    const int64_t l = item % lanes, e = l * t.entries;
+    Shapes st = s;
+    st.entries = t.entries;
+    MlpLoptStepDispatch(st, c, tk + l * F * H, sb + l * H, tl + l * s.tail_size, t.g + e,
+                        t.p + e, t.m + e * c.momenta, t.step + e);
+  };
+  RunLanes(pool, lanes * num, 2 * lanes * total * (F * H + s.tail_size), run, 24);
   return ffi::Error::Success();
 }
 
@@ -296,3 +511,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpmdLoptPerEntryMlp, PerEntryMlpImpl,
                                   .Attr<int64_t>("hidden")
                                   .Attr<int64_t>("hidden_layers")
                                   .Attr<int64_t>("num_out"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpmdLoptMlpLoptStep, MlpLoptStepImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // tensor_kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // step_bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // tail
+                                  .RemainingArgs()               // (p, g, m) per tensor
+                                  .RemainingRets()               // step per tensor
+                                  .Attr<int64_t>("momenta")
+                                  .Attr<int64_t>("hidden")
+                                  .Attr<int64_t>("hidden_layers")
+                                  .Attr<float>("exp_mult")
+                                  .Attr<float>("step_mult"));

@@ -26,6 +26,7 @@ fused kernel (``spmd_lopt.kernels.per_entry_mlp``); ``implementation="reference"
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from spmd_lopt.kernels import ffi_util
+from spmd_lopt.kernels import mlp_lopt_step
 from spmd_lopt.kernels import per_entry_mlp
 from spmd_lopt.learned_optimizers import base as lopt_base
 from spmd_lopt.learned_optimizers import common
@@ -55,6 +57,32 @@ def tanh_embedding(iteration: jax.Array) -> jax.Array:
   t = jnp.asarray(iteration, jnp.float32)
   taus = jnp.asarray(TANH_TIMESCALES, jnp.float32)
   return jnp.tanh(t / taus - 1.0)
+
+
+def step_entries(p: jax.Array, g: jax.Array, m: jax.Array, tensor_kernel: jax.Array,
+                 step_bias: jax.Array, tail: jax.Array, *, exp_mult: float, step_mult: float,
+                 hidden_layers: int, implementation: str = "reference") -> jax.Array:
+  """One tensor's step as XLA ops (``p' = p - step``; ``mlp_lopt_step``'s docstring).
+
+  ``p`` ``[n]`` float32, ``g`` ``[n]`` float32, ``m``
+  ``[n, 6]`` (the updated momenta), ``tensor_kernel`` ``[8, H]``, ``step_bias`` ``[H]``,
+  ``tail`` packed. ``implementation`` is the per-entry MLP's (``per_entry_mlp.apply``);
+  with ``"reference"`` this is the fused kernel's reference and gradient.
+  """
+  columns = [g[:, None], p[:, None], m]
+  # x * rsqrt(1e-5 + mean(x^2)) @ W0 = x @ (rsqrt(...) W0): the normalisation moves into
+  # the [8, hidden] kernel instead of a normalised copy of the columns.
+  second_moments = jnp.concatenate([jnp.mean(jnp.square(c), axis=0) for c in columns])
+  kernel0 = jax.lax.rsqrt(1e-5 + second_moments)[:, None] * tensor_kernel
+  out = per_entry_mlp.apply(columns, kernel0, step_bias, tail, hidden_layers=hidden_layers,
+                            num_out=2, implementation=implementation)
+  return out[:, 0] * jnp.exp(out[:, 1] * exp_mult) * step_mult
+
+
+def steps_of_tensors(tensors, tensor_kernel, step_bias, tail, **kwargs):
+  """``step_entries`` of each ``(p, g, m)`` in ``tensors``: the fused call's reference."""
+  return tuple(step_entries(p, g, m, tensor_kernel, step_bias, tail, **kwargs)
+               for p, g, m in tensors)
 
 
 class _PerParamMLP(nn.Module):
@@ -113,8 +141,8 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
   def kernel_unavailable(self) -> str:
     """Why ``implementation="auto"`` would not run the fused CPU kernel here ("" if it
     would): the backend, this optimizer's sizes, or the build."""
-    return per_entry_mlp.unavailable(NUM_TENSOR_FEATURES, self.hidden_size,
-                                     self.hidden_layers, 2)
+    return mlp_lopt_step.unavailable(len(MOMENTUM_DECAYS), self.hidden_size,
+                                     self.hidden_layers)
 
   @property
   def cpu_library_graphs(self) -> bool:
@@ -172,24 +200,33 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
         # is computed once per step, and the [n, 19] feature matrix is never built
         # (-17% FLOPs, -30% step time on the tutorial workload; docs/PERFORMANCE.md).
         step_bias = step_features @ split.step_kernel + split.bias0
+        consts = {"exp_mult": exp_mult, "step_mult": step_mult,
+                  "hidden_layers": hidden_layers}
+        weights = (split.tensor_kernel, step_bias, split.tail)
 
-        def update_tensor(p, g, m):
-          n = max(p.size, 1)
-          columns = [x.reshape(n, -1).astype(jnp.float32)
-                     for x in (g, p, m.reshape(n, m.shape[-1]))]
-          # x * rsqrt(1e-5 + mean(x^2)) @ W0 = x @ (rsqrt(...) W0): the normalisation moves
-          # into the [8, hidden] kernel instead of a normalised copy of the columns.
-          second_moments = jnp.concatenate(
-              [jnp.mean(jnp.square(c), axis=0) for c in columns])
-          kernel0 = jax.lax.rsqrt(1e-5 + second_moments)[:, None] * split.tensor_kernel
-          out = per_entry_mlp.apply(columns, kernel0, step_bias, split.tail,
-                                    hidden_layers=hidden_layers, num_out=2,
-                                    implementation=implementation)
-          direction, magnitude = out[:, 0], out[:, 1]
-          step = direction * jnp.exp(magnitude * exp_mult) * step_mult
-          return p - step.reshape(p.shape).astype(p.dtype)
-
-        params = jax.tree.map(update_tensor, opt_state.params, grad, moms)
+        params, treedef = jax.tree.flatten(opt_state.params)
+        # Every tensor as [n] entries (a scalar as [1]) with its momenta as [n, 6].
+        flat = [(jnp.reshape(p, (-1,)).astype(jnp.float32),
+                 jnp.reshape(g, (-1,)).astype(jnp.float32),
+                 jnp.reshape(m, (-1, m.shape[-1])))
+                for p, g, m in zip(params, treedef.flatten_up_to(grad),
+                                   treedef.flatten_up_to(moms))]
+        fused = [i for i, t in enumerate(flat) if implementation != "reference" and
+                 not mlp_lopt_step.unsupported(*t, split.tensor_kernel, hidden_layers)]
+        # A tensor without entries has no step (its norms would be 0 / 0).
+        steps = [jnp.zeros((0,), jnp.float32) if t[0].size == 0 else None for t in flat]
+        if fused:
+          # The norms, the MLP and the step of every tensor the kernel takes: one call.
+          reference = functools.partial(steps_of_tensors, implementation="reference",
+                                        **consts)
+          for i, s in zip(fused, mlp_lopt_step.apply(reference, [flat[i] for i in fused],
+                                                     *weights, **consts)):
+            steps[i] = s
+        for i, t in enumerate(flat):
+          if steps[i] is None:
+            steps[i] = step_entries(*t, *weights, implementation=implementation, **consts)
+        params = jax.tree.unflatten(treedef, [
+            p - jnp.reshape(s, jnp.shape(p)).astype(p.dtype) for p, s in zip(params, steps)])
         state = opt_state.state if model_state is None else model_state
         return MLPLOptState(params=params, rolling_features=moms,
                             iteration=opt_state.iteration + 1, state=state)
