@@ -338,9 +338,17 @@ def test_get_batch_get_outer_batch_and_meta_loss_batch():
   assert outer.shape == (2, 3) and np.all(outer > 1000)
 
   theta = lopt.init(jax.random.key(0))
-  state = step.init_step_state(theta, OS, jax.random.key(1))
-  state, out = step.unroll(theta, state, jax.random.key(2), 3, OS, data=(train, meta))
+  state0 = step.init_step_state(theta, OS, jax.random.key(1))
+  state, out = step.unroll(theta, state0, jax.random.key(2), 3, OS, data=(train, meta))
   assert out.loss.shape == (3, 2) and np.all(np.asarray(out.loss) > 1e4)  # outer_valid
+  # Each task's host batches reach it when the lanes are stepped in two groups.
+  grouped = lopt_truncated_step.VectorizedLOptTruncatedStep(
+      _HostFamily(), lopt, ts.ConstantTruncationSchedule(50), num_tasks=2,
+      meta_loss_split="outer_valid", outer_data_split="test", lane_groups=2)
+  g_state, g_out = grouped.unroll(theta, state0, jax.random.key(2), 3, OS,
+                                  data=(train, meta))
+  for a, b in zip(jax.tree.leaves((g_state, g_out)), jax.tree.leaves((state, out))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   losses = step.meta_loss_batch(theta, state, jax.random.key(3), outer, OS)
   assert losses.shape == (2,) and np.all(np.asarray(losses) > 1e6)  # the test split
   # Without datasets (quadratics), get_batch returns () and batches come from the device.

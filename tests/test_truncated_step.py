@@ -327,3 +327,67 @@ def test_gathered_resets_follow_the_per_task_state_size():
     assert 3 not in branches and 2 in branches, dim
   assert 3 not in _cond_branch_counts(make(10, 7), theta)  # 7 // 8 == 0 gathered slots
   assert not _cond_branch_counts(make(10, 64, "select"), theta)
+
+
+@pytest.mark.parametrize("theta_is_vector", [False, True])
+def test_lane_groups_give_the_numbers_of_one_group(theta_is_vector):
+  """``lane_groups=2`` / ``4`` step the lanes as independent groups in one scan body;
+  every task keeps its keys, so states and outputs equal one group's, on one device and
+  inside shard_map on two (4 tasks each, 2 groups of 2). Staggered lengths make some
+  groups reset while others do not."""
+  n = 8
+  sched = truncation_schedule.LogUniformLengthSchedule(4, 20)
+  make = lambda groups: lopt_truncated_step.VectorizedLOptTruncatedStep(
+      quadratics.FixedDimQuadraticFamily(5), mlp_lopt.MLPLOpt(), sched, num_tasks=n,
+      random_initial_iteration_offset=20, lane_groups=groups)
+  theta = make(1).outer_init(jax.random.key(0))
+  if theta_is_vector:
+    theta = jax.tree.map(
+        lambda x: x + 0.01 * jax.random.normal(jax.random.key(3), (n,) + x.shape), theta)
+  state = make(1).init_step_state(theta, OS, jax.random.key(1),
+                                  theta_is_vector=theta_is_vector)
+  mesh = sharding.make_mesh(num_devices=2)
+  want = _unroll_fn(make(1), theta, theta_is_vector)(state)
+  assert np.asarray(want[1].is_reset).any()
+  for got in (_unroll_fn(make(2), theta, theta_is_vector)(state),
+              _unroll_fn(make(4), theta, theta_is_vector)(state),
+              _unroll_fn(make(2), theta, theta_is_vector, mesh)(state)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_lane_groups_are_checked():
+  sched = truncation_schedule.ConstantTruncationSchedule(5)
+  make = lambda groups: lopt_truncated_step.VectorizedLOptTruncatedStep(
+      quadratics.FixedDimQuadraticFamily(3), mlp_lopt.MLPLOpt(hidden_size=8), sched,
+      num_tasks=6, lane_groups=groups)
+  for bad in (0, -1, 1.5):
+    with pytest.raises(ValueError, match="lane_groups"):
+      make(bad)
+  step = make(4)
+  theta = step.outer_init(jax.random.key(0))
+  state = step.init_step_state(theta, OS, jax.random.key(1))
+  with pytest.raises(ValueError, match="lane_groups=4 does not divide the 6 lanes"):
+    step.unroll(theta, state, jax.random.key(2), 3, OS)
+
+
+def test_auto_lane_groups_follow_cores_per_device_and_state_size(monkeypatch):
+  """Auto: a device's share of the process's cores, fewer where they would not divide the
+  lanes or would leave a group under LANE_GROUP_MIN_BYTES; one off the CPU."""
+  auto = lopt_truncated_step.auto_lane_groups
+  big = 64 * lopt_truncated_step.LANE_GROUP_MIN_BYTES
+  monkeypatch.setattr(lopt_truncated_step.os, "sched_getaffinity", lambda pid: {0, 1},
+                      raising=False)
+  monkeypatch.setattr(lopt_truncated_step.jax, "local_device_count", lambda: 1)
+  assert auto(32, 2_159_904) == 2   # 16 image-MLP tasks, both PES halves
+  assert auto(128, 42_624) == 1     # 64 quadratics: too little state per group
+  assert auto(7, big) == 1          # 2 does not divide 7
+  monkeypatch.setattr(lopt_truncated_step.os, "sched_getaffinity",
+                      lambda pid: set(range(16)), raising=False)
+  assert auto(12, big) == 12
+  assert auto(18, big) == 9
+  assert auto(18, 3 * lopt_truncated_step.LANE_GROUP_MIN_BYTES) == 3
+  monkeypatch.setattr(lopt_truncated_step.jax, "local_device_count", lambda: 8)
+  assert auto(32, big) == 2         # 16 cores over 8 devices
+  monkeypatch.setattr(lopt_truncated_step.jax, "default_backend", lambda: "gpu")
+  assert auto(32, big) == 1

@@ -43,6 +43,7 @@ whose ``datasets`` are host iterators (the reference's data model) use ``get_bat
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional
 
 import flax
@@ -80,6 +81,29 @@ def gathered_resets_pay(state_bytes: int, num_tasks: int) -> bool:
   ``FEW_RESETS_MAX_TASK_STATE_BYTES`` per task."""
   return (num_tasks // FEW_RESETS_DIVISOR > 0
           and state_bytes <= FEW_RESETS_MAX_TASK_STATE_BYTES * num_tasks)
+
+
+LANE_GROUP_MIN_BYTES = 1 << 19
+
+
+def auto_lane_groups(num_lanes: int, state_bytes: int) -> int:
+  """The lane groups ``unroll`` uses by default for ``num_lanes`` lanes whose unroll state
+  holds ``state_bytes``: on CPU, as many as the CPU cores each local device has (the
+  process's cores over its devices), fewer if they would not divide the lanes or would
+  leave a group under ``LANE_GROUP_MIN_BYTES`` of state; 1 on other backends (a GPU or
+  TPU runs one op at a time: groups would only split its ops). Measured on this 2-core
+  machine with one device: 16 image-MLP tasks (32 lanes, 2.2 MB) 1.10x with 2 groups;
+  quadratics (128 lanes, 43 KB) 0.90x and the Celo2 recipe's unrolls (8 lanes, 0.4 MB)
+  0.96x, which the size floor keeps at one group (docs/PERFORMANCE.md, "Round ten")."""
+  if jax.default_backend() != "cpu":
+    return 1
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count() or 1)
+  groups = cores // max(jax.local_device_count(), 1)
+  while groups > 1 and (num_lanes % groups or
+                        state_bytes < LANE_GROUP_MIN_BYTES * groups):
+    groups -= 1
+  return max(groups, 1)
 
 
 def _nbytes(tree) -> int:
@@ -133,6 +157,8 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
       dict as the meta-loss instead of the loss (not normalised, as in the reference).
     task_name: name used in metrics; defaults to the family's name.
     reset_mode: ``"cond"`` or ``"select"`` (module docstring).
+    lane_groups: ``unroll`` steps its lanes as this many independent groups (module
+      docstring); ``None``: ``auto_lane_groups``.
   """
 
   def __init__(self, task_family: tasks_base.TaskFamily,
@@ -141,7 +167,8 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
                num_tasks: int, meta_loss_split: Optional[str] = None,
                random_initial_iteration_offset: int = 0, outer_data_split: str = "train",
                meta_loss_with_aux_key: Optional[str] = None,
-               task_name: Optional[str] = None, reset_mode: str = "cond"):
+               task_name: Optional[str] = None, reset_mode: str = "cond",
+               lane_groups: Optional[int] = None):
     if isinstance(meta_loss_split, int) and not isinstance(meta_loss_split, bool):
       # The reference's positional order is (..., num_tasks, meta_loss_split,
       # random_initial_iteration_offset); an int here is an offset passed positionally.
@@ -155,6 +182,9 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
                        f"{random_initial_iteration_offset!r}.")
     if reset_mode not in RESET_MODES:
       raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}.")
+    if lane_groups is not None and (int(lane_groups) != lane_groups or lane_groups < 1):
+      raise ValueError(f"lane_groups must be None (auto) or a positive integer, got "
+                       f"{lane_groups!r}.")
     # Abstract (no-compute) check that the family can be vmapped, so a bad family fails
     # here with its name rather than deep inside the fused step's tracing.
     tasks_base.check_task_family(task_family, jax.random.key(0))
@@ -167,6 +197,7 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     self.outer_data_split = outer_data_split
     self.meta_loss_with_aux_key = meta_loss_with_aux_key
     self.reset_mode = reset_mode
+    self.lane_groups = None if lane_groups is None else int(lane_groups)
     self._task_name = task_name
 
   def outer_init(self, key):
@@ -325,6 +356,11 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     if prepare is not None:
       theta = jax.vmap(prepare)(theta) if theta_is_vector else prepare(theta)
 
+    groups = self._lane_groups(task_ids.shape[0], state)
+    if groups > 1:
+      return self._unroll_groups(theta, state, key, num_steps, outer_state, theta_is_vector,
+                                 task_ids, data, groups)
+
     def body(state, xs):
       step, batch = xs
       return self.unroll_step(theta, state, jax.random.fold_in(key, step), data=batch,
@@ -332,6 +368,45 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
                               task_ids=task_ids)
 
     return jax.lax.scan(body, state, (jnp.arange(num_steps), data))
+
+  def _lane_groups(self, num_lanes: int, state) -> int:
+    """How many independent groups ``unroll`` splits its ``num_lanes`` lanes into:
+    ``lane_groups`` if set (it must divide them), else ``auto_lane_groups``."""
+    if self.lane_groups is None:
+      return auto_lane_groups(num_lanes, _nbytes(state))
+    if num_lanes % self.lane_groups:
+      raise ValueError(f"lane_groups={self.lane_groups} does not divide the {num_lanes} "
+                       "lanes (tasks, or both PES halves of them) each device unrolls.")
+    return self.lane_groups
+
+  def _unroll_groups(self, theta, state, key, num_steps, outer_state, theta_is_vector,
+                     task_ids, data, groups):
+    """``unroll`` with the lanes split into ``groups`` contiguous groups, each stepped by
+    its own ops in one scan body: independent chains XLA's CPU runtime runs at once on a
+    device's threads. Every task keeps its own keys (global ids), so the numbers are
+    those of one group."""
+    size = task_ids.shape[0] // groups
+
+    def part(tree, g, axis=0):
+      return jax.tree.map(
+          lambda x: jax.lax.slice_in_dim(x, g * size, (g + 1) * size, axis=axis), tree)
+
+    states = tuple(part(state, g) for g in range(groups))
+    thetas = tuple(part(theta, g) if theta_is_vector else theta for g in range(groups))
+    ids = tuple(part(task_ids, g) for g in range(groups))
+    datas = tuple(None if data is None else part(data, g, axis=1) for g in range(groups))
+
+    def body(states, xs):
+      step, batches = xs
+      step_key = jax.random.fold_in(key, step)
+      res = [self.unroll_step(thetas[g], states[g], step_key, data=batches[g],
+                              outer_state=outer_state, theta_is_vector=theta_is_vector,
+                              task_ids=ids[g]) for g in range(groups)]
+      return tuple(r[0] for r in res), tuple(r[1] for r in res)
+
+    states, outs = jax.lax.scan(body, states, (jnp.arange(num_steps), datas))
+    cat = lambda trees, axis: jax.tree.map(lambda *xs: jnp.concatenate(xs, axis), *trees)
+    return cat(states, 0), cat(outs, 1)
 
   # --- the reference's host data model ----------------------------------------------
 
