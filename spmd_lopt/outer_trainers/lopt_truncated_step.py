@@ -31,6 +31,12 @@ conditional, more arithmetic). All give identical numbers (each task's fresh sta
 from its own key; tested); which is faster depends on the accelerator and on how often
 some task resets (see the README's figures).
 
+Lane groups (``lane_groups``): ``unroll`` may split the lanes it steps (a device's tasks,
+both PES halves) into contiguous groups, each stepped by its own ops in the one scan body
+and concatenated after it. The groups' op chains are independent, so XLA's CPU runtime can
+overlap them on a device's threads; every task keeps its keys, so the numbers are the same
+(``auto_lane_groups`` picks the count).
+
 ``random_initial_iteration_offset = N`` starts each task's ``inner_step`` at a random
 integer in ``[0, N)`` (params and optimizer iteration stay fresh) so the tasks reach their
 first reset at different outer steps, as the reference does.
@@ -93,8 +99,8 @@ def auto_lane_groups(num_lanes: int, state_bytes: int) -> int:
   leave a group under ``LANE_GROUP_MIN_BYTES`` of state; 1 on other backends (a GPU or
   TPU runs one op at a time: groups would only split its ops). Measured on this 2-core
   machine with one device: 16 image-MLP tasks (32 lanes, 2.2 MB) 1.10x with 2 groups;
-  quadratics (128 lanes, 43 KB) 0.90x and the Celo2 recipe's unrolls (8 lanes, 0.4 MB)
-  0.96x, which the size floor keeps at one group (docs/PERFORMANCE.md, "Round ten")."""
+  quadratics (128 lanes, 43 KB) 0.89x and the Celo2 recipe's unrolls (8 lanes, 0.4 MB)
+  0.93x, which the size floor keeps at one group (docs/PERFORMANCE.md, "Round ten")."""
   if jax.default_backend() != "cpu":
     return 1
   cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
