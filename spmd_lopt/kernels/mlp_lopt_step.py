@@ -28,7 +28,6 @@ results do not depend on how they are spread over devices.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Sequence, Tuple
 
 import jax

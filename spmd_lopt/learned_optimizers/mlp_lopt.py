@@ -19,9 +19,11 @@ treated as shape ``[1]``), so the cost per step is ``O(num_params * |theta|)``.
 
 Computation: the 11 step features and the normalisation are folded into the first layer
 (``[x / r, s] W0 + b0 = x (W0[:8] / r) + (s W0[8:] + b0)``, ``r`` the 8 second-moment
-norms), so the MLP runs on the raw ``[g, p, m]`` columns of each entry. On CPU it is one
-fused kernel (``spmd_lopt.kernels.per_entry_mlp``); ``implementation="reference"`` (or
-``SPMD_LOPT_KERNELS=0``) runs it as XLA products. Both are float32 and agree to rounding.
+norms), so the MLP runs on the raw ``[g, p, m]`` columns of each entry. On CPU the norms,
+the MLP and the steps of every tensor of an update are one fused kernel call
+(``spmd_lopt.kernels.mlp_lopt_step``; the momenta and ``p - step`` are XLA ops);
+``implementation="reference"`` (or ``SPMD_LOPT_KERNELS=0``) runs it all as XLA ops
+(``step_entries``). Both are float32 and agree to rounding.
 """
 
 from __future__ import annotations
@@ -64,9 +66,8 @@ def step_entries(p: jax.Array, g: jax.Array, m: jax.Array, tensor_kernel: jax.Ar
                  hidden_layers: int, implementation: str = "reference") -> jax.Array:
   """One tensor's step as XLA ops (``p' = p - step``; ``mlp_lopt_step``'s docstring).
 
-  ``p`` ``[n]`` float32, ``g`` ``[n]`` float32, ``m``
-  ``[n, 6]`` (the updated momenta), ``tensor_kernel`` ``[8, H]``, ``step_bias`` ``[H]``,
-  ``tail`` packed. ``implementation`` is the per-entry MLP's (``per_entry_mlp.apply``);
+  ``p`` and ``g`` ``[n]`` float32, ``m`` ``[n, 6]`` (the updated momenta),
+  ``tensor_kernel`` ``[8, H]``, ``step_bias`` ``[H]``, ``tail`` packed. ``implementation`` is the per-entry MLP's (``per_entry_mlp.apply``);
   with ``"reference"`` this is the fused kernel's reference and gradient.
   """
   columns = [g[:, None], p[:, None], m]
@@ -124,8 +125,9 @@ class MLPLOpt(lopt_base.LearnedOptimizer):
 
   def __init__(self, exp_mult: float = 0.001, step_mult: float = 0.001,
                hidden_size: int = 32, hidden_layers: int = 2, implementation: str = "auto"):
-    """``implementation``: how the per-entry MLP runs (``per_entry_mlp.apply``): ``"auto"``
-    (the fused CPU kernel where it can run), ``"kernel"`` or ``"reference"``."""
+    """``implementation``: how the rule runs: ``"auto"`` (the fused CPU kernel,
+    ``mlp_lopt_step``, where it can run), ``"kernel"`` (it, or an error saying why not) or
+    ``"reference"`` (XLA ops)."""
     if hidden_size <= 0 or hidden_layers < 0:
       raise ValueError("MLPLOpt: hidden_size must be positive and hidden_layers >= 0, got "
                        f"{hidden_size}, {hidden_layers}.")
