@@ -388,9 +388,10 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
   def _unroll_groups(self, theta, state, key, num_steps, outer_state, theta_is_vector,
                      task_ids, data, groups):
     """``unroll`` with the lanes split into ``groups`` contiguous groups, each stepped by
-    its own ops in one scan body: independent chains XLA's CPU runtime runs at once on a
-    device's threads. Every task keeps its own keys (global ids), so the numbers are
-    those of one group."""
+    its own ops in one scan body: independent chains, which XLA's CPU runtime partly
+    overlaps on a device's threads (its XLA ops; the kernel calls ran one after the
+    other, each on both threads). Every task keeps its own keys (global ids), so the
+    numbers are those of one group."""
     size = task_ids.shape[0] // groups
 
     def part(tree, g, axis=0):
