@@ -362,18 +362,39 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
     if prepare is not None:
       theta = jax.vmap(prepare)(theta) if theta_is_vector else prepare(theta)
 
+    # The lanes as `groups` contiguous groups, each stepped by its own ops in the scan
+    # body: independent chains, which XLA's CPU runtime partly overlaps on a device's
+    # threads (its XLA ops; the kernel calls ran one after the other, each on both
+    # threads). Every task keeps its own keys (global ids): the numbers of one group.
     groups = self._lane_groups(task_ids.shape[0], state)
-    if groups > 1:
-      return self._unroll_groups(theta, state, key, num_steps, outer_state, theta_is_vector,
-                                 task_ids, data, groups)
+    size = task_ids.shape[0] // groups
 
-    def body(state, xs):
-      step, batch = xs
-      return self.unroll_step(theta, state, jax.random.fold_in(key, step), data=batch,
+    def split(tree, axis=0):
+      if groups == 1:
+        return (tree,)
+      return tuple(jax.tree.map(
+          lambda x, g=g: jax.lax.slice_in_dim(x, g * size, (g + 1) * size, axis=axis), tree)
+                   for g in range(groups))
+
+    def join(trees, axis):
+      if groups == 1:
+        return trees[0]
+      return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis), *trees)
+
+    thetas = split(theta) if theta_is_vector else (theta,) * groups
+    ids = split(task_ids)
+    datas = (None,) * groups if data is None else split(data, axis=1)
+
+    def body(states, xs):
+      step, batches = xs
+      step_key = jax.random.fold_in(key, step)
+      res = [self.unroll_step(thetas[g], states[g], step_key, data=batches[g],
                               outer_state=outer_state, theta_is_vector=theta_is_vector,
-                              task_ids=task_ids)
+                              task_ids=ids[g]) for g in range(groups)]
+      return tuple(r[0] for r in res), tuple(r[1] for r in res)
 
-    return jax.lax.scan(body, state, (jnp.arange(num_steps), data))
+    states, outs = jax.lax.scan(body, split(state), (jnp.arange(num_steps), datas))
+    return join(states, 0), join(outs, 1)
 
   def _lane_groups(self, num_lanes: int, state) -> int:
     """How many independent groups ``unroll`` splits its ``num_lanes`` lanes into:
@@ -384,36 +405,6 @@ class VectorizedLOptTruncatedStep(truncated_step.VectorizedTruncatedStep):
       raise ValueError(f"lane_groups={self.lane_groups} does not divide the {num_lanes} "
                        "lanes (tasks, or both PES halves of them) each device unrolls.")
     return self.lane_groups
-
-  def _unroll_groups(self, theta, state, key, num_steps, outer_state, theta_is_vector,
-                     task_ids, data, groups):
-    """``unroll`` with the lanes split into ``groups`` contiguous groups, each stepped by
-    its own ops in one scan body: independent chains, which XLA's CPU runtime partly
-    overlaps on a device's threads (its XLA ops; the kernel calls ran one after the
-    other, each on both threads). Every task keeps its own keys (global ids), so the
-    numbers are those of one group."""
-    size = task_ids.shape[0] // groups
-
-    def part(tree, g, axis=0):
-      return jax.tree.map(
-          lambda x: jax.lax.slice_in_dim(x, g * size, (g + 1) * size, axis=axis), tree)
-
-    states = tuple(part(state, g) for g in range(groups))
-    thetas = tuple(part(theta, g) if theta_is_vector else theta for g in range(groups))
-    ids = tuple(part(task_ids, g) for g in range(groups))
-    datas = tuple(None if data is None else part(data, g, axis=1) for g in range(groups))
-
-    def body(states, xs):
-      step, batches = xs
-      step_key = jax.random.fold_in(key, step)
-      res = [self.unroll_step(thetas[g], states[g], step_key, data=batches[g],
-                              outer_state=outer_state, theta_is_vector=theta_is_vector,
-                              task_ids=ids[g]) for g in range(groups)]
-      return tuple(r[0] for r in res), tuple(r[1] for r in res)
-
-    states, outs = jax.lax.scan(body, states, (jnp.arange(num_steps), datas))
-    cat = lambda trees, axis: jax.tree.map(lambda *xs: jnp.concatenate(xs, axis), *trees)
-    return cat(states, 0), cat(outs, 1)
 
   # --- the reference's host data model ----------------------------------------------
 
